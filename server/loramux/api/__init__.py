@@ -1,0 +1,1 @@
+"""gRPC servicers, pb <-> domain conversion, and error -> status mapping (no torch)."""

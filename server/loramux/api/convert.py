@@ -1,0 +1,45 @@
+"""Protobuf messages <-> engine values, with request validation."""
+
+from __future__ import annotations
+
+import math
+
+from loramux.engine.request import Event, Finish, Params
+from loramux.errors import InvalidArgument
+from loramux.lora.store import AdapterRecord
+from loramux.pb.loramux.v1 import loramux_pb2 as pb
+
+FINISH = {Finish.LENGTH: pb.FINISH_REASON_LENGTH, Finish.EOS: pb.FINISH_REASON_EOS,
+          Finish.STOP: pb.FINISH_REASON_STOP, None: pb.FINISH_REASON_UNSPECIFIED}
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+
+
+def params_from_pb(req: pb.GenerateRequest, default_max_new: int, limit: int) -> Params:
+    """Validate sampling values; raise InvalidArgument saying which value and why."""
+    p = req.params
+    max_new = p.max_new_tokens if p.HasField("max_new_tokens") else default_max_new
+    if not 1 <= max_new <= limit:
+        raise InvalidArgument(f"max_new_tokens must be in [1, {limit}] (--max-new-tokens-limit), got {max_new}")
+    if not math.isfinite(p.temperature) or p.temperature < 0:
+        raise InvalidArgument(f"temperature must be >= 0 (0 is greedy), got {p.temperature}")
+    top_p = p.top_p if p.HasField("top_p") else 1.0
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+    stop = tuple(p.stop)
+    if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise InvalidArgument(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
+    return Params(max_new_tokens=max_new, temperature=float(p.temperature), top_p=float(top_p),
+                  top_k=int(p.top_k), seed=int(p.seed) or None, stop=stop)
+
+
+def stream_from_event(event: Event) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(text=event.text, token_ids=list(event.token_ids),
+                                     finish_reason=FINISH[event.finish])
+
+
+def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        adapter_id=record.adapter_id, path=str(record.path), rank=record.rank,
+        alpha=record.alpha, target_modules=list(record.target_modules),
+        size_bytes=record.size_bytes, source=record.source,
+    )

@@ -1,0 +1,94 @@
+"""One place that turns exceptions into gRPC statuses and counts request outcomes.
+
+Our own errors carry their status and a message meant for the caller; anything else is
+logged with its stack trace here and answered INTERNAL with a short message, never the
+trace itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from loramux.errors import LoramuxError
+
+log = logging.getLogger(__name__)
+GENERATION = "/loramux.v1.Generation/"
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, LoramuxError):
+        return grpc.StatusCode[exc.code], str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps errors to statuses for every RPC; counts Generation outcomes by status."""
+
+    def __init__(self, metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        count = self._count if method.startswith(GENERATION) else (lambda status: None)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method, count),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method, count),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+    def _count(self, status: str) -> None:
+        self.metrics.requests.labels(status=status).inc()
+
+
+async def _abort(context, exc: BaseException, method: str, count) -> None:
+    code, message = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=exc)
+    count(code.name)
+    await context.abort(code, message)
+
+
+def _wrap_unary(behavior, method, count):
+    async def wrapper(request, context):
+        try:
+            response = await behavior(request, context)
+        except asyncio.CancelledError:
+            count("CANCELLED")
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, exc, method, count)
+        count("OK")
+        return response
+
+    return wrapper
+
+
+def _wrap_stream(behavior, method, count):
+    async def wrapper(request, context):
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except asyncio.CancelledError:
+            count("CANCELLED")
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, exc, method, count)
+        count("OK")
+
+    return wrapper

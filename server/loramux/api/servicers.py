@@ -1,0 +1,76 @@
+"""The two loramux services. No torch here: everything goes through the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from loramux.api.convert import FINISH, adapter_info, params_from_pb, stream_from_event
+from loramux.engine.engine import Engine
+from loramux.engine.request import Event, Request
+from loramux.errors import InvalidArgument
+from loramux.pb.loramux.v1 import loramux_pb2 as pb
+from loramux.pb.loramux.v1 import loramux_pb2_grpc as pb_grpc
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    """Turns Generate calls into engine requests and engine events into responses."""
+
+    def __init__(self, engine: Engine, default_max_new: int, max_new_limit: int) -> None:
+        self.engine = engine
+        self.default_max_new = default_max_new
+        self.max_new_limit = max_new_limit
+
+    def _submit(self, request: pb.GenerateRequest, context) -> Request:
+        params = params_from_pb(request, self.default_max_new, self.max_new_limit)
+        return self.engine.submit(request.adapter_id, request.prompt, params, request.request_id,
+                                  context.time_remaining())
+
+    async def _events(self, req: Request) -> AsyncIterator[Event]:
+        try:
+            while True:
+                event = await req.events.get()
+                if event.error is not None:
+                    raise event.error
+                yield event
+                if event.finish is not None:
+                    return
+        finally:
+            if not req.done:
+                self.engine.cancel(req)  # client went away: free the row at the next step
+
+    async def Generate(self, request, context):
+        req = self._submit(request, context)
+        text, tokens, finish = [], [], None
+        async for event in self._events(req):
+            text.append(event.text)
+            tokens += event.token_ids
+            finish = event.finish
+        return pb.GenerateResponse(
+            text="".join(text), token_ids=tokens, finish_reason=FINISH[finish],
+            prompt_tokens=len(req.prompt_ids), generated_tokens=len(tokens), adapter_id=request.adapter_id,
+        )
+
+    async def GenerateStream(self, request, context):
+        async for event in self._events(self._submit(request, context)):
+            yield stream_from_event(event)
+
+
+class AdapterRegistryServicer(pb_grpc.AdapterRegistryServicer):
+    """Register, unregister and list adapters; file checks run off the event loop."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def RegisterAdapter(self, request, context):
+        if not request.adapter_id or not request.path:
+            raise InvalidArgument("adapter_id and path are both required")
+        record = await asyncio.to_thread(self.engine.register, request.adapter_id, request.path)
+        return adapter_info(record)
+
+    async def UnregisterAdapter(self, request, context):
+        record = await asyncio.to_thread(self.engine.unregister, request.adapter_id)
+        return pb.UnregisterAdapterResponse(adapter_id=record.adapter_id)
+
+    async def ListAdapters(self, request, context):
+        return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in self.engine.store.list()])

@@ -1,0 +1,113 @@
+"""Wires the model, adapter tiers, engine, gRPC server, metrics and shutdown together."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loramux.api.interceptor import ErrorInterceptor
+from loramux.api.servicers import AdapterRegistryServicer, GenerationServicer
+from loramux.config import ServerConfig
+from loramux.engine.engine import Engine
+from loramux.engine.watcher import AdapterDirWatcher
+from loramux.lora.slots import AdapterSlots
+from loramux.lora.store import AdapterStore
+from loramux.metrics import Metrics
+from loramux.model.loader import ModelSpec, load_base, resolve_device, resolve_dtype
+from loramux.model.runner import Runner
+from loramux.pb.loramux.v1 import loramux_pb2 as pb
+from loramux.pb.loramux.v1 import loramux_pb2_grpc as pb_grpc
+
+log = logging.getLogger("loramux")
+SERVICES = ("loramux.v1.Generation", "loramux.v1.AdapterRegistry")
+
+
+def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
+    """Load the base, attach LoRA slots, and make the adapter tiers and the engine."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    started = time.perf_counter()
+    model, tokenizer = load_base(ModelSpec(cfg.model, cfg.quantization, device, dtype))
+    runner = Runner(model, tokenizer, cfg.max_active_adapters, cfg.max_lora_rank, device, dtype)
+    metrics.model_memory.set(runner.model_bytes())
+    metrics.lora_slot_memory.set(runner.slot_bytes)
+    log.info("model ready in %.1fs: weights %.1f MiB, LoRA slots %.1f MiB (%d x rank %d)",
+             time.perf_counter() - started, runner.model_bytes() / 2**20, runner.slot_bytes / 2**20,
+             cfg.max_active_adapters, cfg.max_lora_rank)
+    cfg.adapter_dir.mkdir(parents=True, exist_ok=True)
+    store = AdapterStore(runner.layer_shapes, cfg.adapter_roots, cfg.max_lora_rank,
+                         cfg.max_adapter_bytes, dtype)
+    slots = AdapterSlots(store, runner.layers, cfg.max_active_adapters, cfg.host_cache_bytes, metrics)
+    return Engine(runner, store, slots, metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_model_len)
+
+
+class App:
+    """Owns the running server: engine thread, watcher, gRPC server, health, metrics."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.engine = build_engine(cfg, self.metrics)
+        self.watcher = AdapterDirWatcher(self.engine, cfg.adapter_dir, cfg.adapter_scan_interval)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = self.metrics_port = 0
+
+    async def start(self) -> None:
+        self.engine.start()
+        self.watcher.start()
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics)])
+        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(
+            self.engine, self.cfg.default_max_new_tokens, self.cfg.max_new_tokens_limit), self.server)
+        pb_grpc.add_AdapterRegistryServicer_to_server(AdapterRegistryServicer(self.engine), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {self.cfg.host}:{self.cfg.port}")
+        await self.server.start()
+        if self.cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving gRPC on %s:%d, metrics on :%d", self.cfg.host, self.port, self.metrics_port)
+        if self.cfg.ready_file:
+            self.cfg.ready_file.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port}))
+
+    async def _set_health(self, status) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+    async def drain_and_stop(self) -> None:
+        """Refuse new work, let running requests finish (up to the grace period), stop."""
+        log.info("draining: new requests get UNAVAILABLE; grace %.0fs", self.cfg.drain_timeout)
+        self.engine.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while not self.engine.idle() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.watcher.stop()
+        await self.server.stop(grace=1.0)
+        self.engine.stop()
+        log.info("stopped")
+
+    async def run_until_signal(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.drain_and_stop()
+
+
+def serve(cfg: ServerConfig) -> int:
+    asyncio.run(App(cfg).run_until_signal())
+    return 0

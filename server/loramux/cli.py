@@ -1,0 +1,176 @@
+"""`loramux serve | generate | adapters | build-model | train | merge`.
+
+Every `serve` flag can also be set by an environment variable: --max-queue is
+LORAMUX_MAX_QUEUE, and so on. A flag given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _env_default(flag: str, default, kind):
+    raw = os.environ.get("LORAMUX_" + flag.lstrip("-").replace("-", "_").upper())
+    if raw is None:
+        return default
+    if kind is bool:
+        return raw.lower() in ("1", "true", "yes", "on")
+    if kind is list:
+        return [p for p in raw.split(os.pathsep) if p]
+    return kind(raw)
+
+
+def _add(p: argparse.ArgumentParser, flag: str, kind, default, help: str) -> None:
+    value = _env_default(flag, default, kind)
+    env = "LORAMUX_" + flag.lstrip("-").replace("-", "_").upper()
+    if kind is list:
+        p.add_argument(flag, action="append", default=value, help=f"{help} [{env}, {os.pathsep}-separated]")
+    else:
+        p.add_argument(flag, type=kind, default=value, help=f"{help} (default: {default}) [{env}]")
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server")
+    _add(p, "--host", str, "127.0.0.1", "address to bind (0.0.0.0 for all interfaces)")
+    _add(p, "--port", int, 50051, "gRPC port (0: any free port)")
+    _add(p, "--metrics-port", int, 9090, "Prometheus /metrics port (0: any free, -1: off)")
+    _add(p, "--model", str, None, "base model folder or hub id; unset: the embedded default model")
+    _add(p, "--quantization", str, "nf4", "nf4 | fp4 | int8 | none")
+    _add(p, "--compute-dtype", str, "auto", "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
+    _add(p, "--device", str, "auto", "auto | cpu | cuda | cuda:N")
+    _add(p, "--adapter-dir", Path, Path("adapters"), "adapter folders registered by name, watched while running")
+    _add(p, "--allow-adapter-root", list, [], "another folder RegisterAdapter may read from (repeatable)")
+    _add(p, "--max-active-adapters", int, 8, "adapters resident on the device at once (slots)")
+    _add(p, "--max-lora-rank", int, 64, "largest adapter rank accepted")
+    _add(p, "--host-cache-bytes", int, 2 << 30, "bytes of adapter tensors kept in host RAM")
+    _add(p, "--max-adapter-bytes", int, 1 << 30, "largest adapter weights file accepted")
+    _add(p, "--max-batch-size", int, 16, "rows decoded together")
+    _add(p, "--max-queue", int, 256, "waiting requests before RESOURCE_EXHAUSTED")
+    _add(p, "--max-new-tokens-limit", int, 1024, "largest max_new_tokens accepted")
+    _add(p, "--default-max-new-tokens", int, 64, "max_new_tokens when a request leaves it unset")
+    _add(p, "--max-model-len", int, None, "prompt + answer tokens; unset: the model's maximum")
+    _add(p, "--adapter-scan-interval", float, 2.0, "seconds between --adapter-dir scans (0: off)")
+    _add(p, "--drain-timeout", float, 30.0, "seconds running requests get to finish on SIGTERM")
+    _add(p, "--ready-file", Path, None, "write {port, metrics_port} as JSON here once serving")
+    _add(p, "--log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR")
+
+
+def _client_parsers(sub) -> None:
+    g = sub.add_parser("generate", help="send a prompt and stream the answer to the terminal")
+    _add(g, "--address", str, DEFAULT_ADDRESS, "server address")
+    g.add_argument("prompt")
+    g.add_argument("--adapter", default="", help="adapter id (empty: the bare base)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[])
+    g.add_argument("--no-stream", action="store_true", help="one unary call instead of a stream")
+
+    a = sub.add_parser("adapters", help="list, register or unregister adapters")
+    _add(a, "--address", str, DEFAULT_ADDRESS, "server address")
+    asub = a.add_subparsers(dest="action", required=True)
+    asub.add_parser("list")
+    r = asub.add_parser("register")
+    r.add_argument("adapter_id")
+    r.add_argument("path")
+    u = asub.add_parser("unregister")
+    u.add_argument("adapter_id")
+
+    b = sub.add_parser("build-model", help="build a local random-weight model (no network)")
+    b.add_argument("--name", default="tiny", help="tiny | bench-30m")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loramux", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _client_parsers(sub)
+    for name, helptext in (("train", "train a QLoRA adapter (see `loramux train --help`)"),
+                           ("merge", "merge an adapter into its base model")):
+        sub.add_parser(name, help=helptext, add_help=False)
+    return parser
+
+
+def _serve(args) -> int:
+    from loramux.app import serve
+    from loramux.config import ServerConfig
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = ServerConfig(
+            host=args.host, port=args.port, metrics_port=args.metrics_port, model=args.model,
+            quantization=args.quantization, compute_dtype=args.compute_dtype, device=args.device,
+            adapter_dir=args.adapter_dir, allow_adapter_roots=tuple(Path(p) for p in args.allow_adapter_root),
+            max_active_adapters=args.max_active_adapters, max_lora_rank=args.max_lora_rank,
+            host_cache_bytes=args.host_cache_bytes, max_adapter_bytes=args.max_adapter_bytes,
+            max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+            max_new_tokens_limit=args.max_new_tokens_limit,
+            default_max_new_tokens=args.default_max_new_tokens, max_model_len=args.max_model_len,
+            adapter_scan_interval=args.adapter_scan_interval, drain_timeout=args.drain_timeout,
+            ready_file=args.ready_file,
+        )
+    except ValueError as exc:
+        print(f"loramux serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(cfg)
+
+
+def _generate(args) -> int:
+    from loramux.client import Client
+
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
+    with Client(args.address) as client:
+        if args.no_stream:
+            print(client.generate(args.prompt, args.adapter, **params).text)
+            return 0
+        for msg in client.stream(args.prompt, args.adapter, **params):
+            print(msg.text, end="", flush=True)
+        print()
+    return 0
+
+
+def _adapters(args) -> int:
+    from loramux.client import Client
+
+    with Client(args.address) as client:
+        if args.action == "register":
+            info = client.register(args.adapter_id, str(Path(args.path).resolve()))
+            print(f"registered {info.adapter_id}: rank {info.rank}, {info.size_bytes} bytes")
+        elif args.action == "unregister":
+            print(f"unregistered {client.unregister(args.adapter_id).adapter_id}")
+        else:
+            for a in client.list():
+                print(f"{a.adapter_id}\trank={a.rank}\talpha={a.alpha:g}\t{','.join(a.target_modules)}\t{a.source}\t{a.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("train", "merge"):
+        from loramux.trainer.cli import main as trainer_main
+
+        return trainer_main(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "build-model":
+        from loramux.model.tiny import ensure_tiny_model
+
+        print(ensure_tiny_model(args.name))
+        return 0
+    import grpc
+
+    try:
+        return _generate(args) if args.command == "generate" else _adapters(args)
+    except grpc.RpcError as exc:
+        print(f"loramux: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1

@@ -1,0 +1,64 @@
+"""Server configuration: one frozen dataclass, validated once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `loramux serve` can be told; see `cli.py` for the flags."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090  # 0: any free port; -1: no metrics endpoint
+    model: str | None = None  # None: the embedded default model, built locally
+    quantization: str = "nf4"
+    compute_dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda if available, else cpu
+    adapter_dir: Path = Path("adapters")
+    allow_adapter_roots: tuple[Path, ...] = ()
+    max_active_adapters: int = 8  # device slots
+    max_lora_rank: int = 64
+    host_cache_bytes: int = 2 << 30
+    max_adapter_bytes: int = 1 << 30
+    max_batch_size: int = 16
+    max_queue: int = 256
+    max_new_tokens_limit: int = 1024
+    default_max_new_tokens: int = 64
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    adapter_scan_interval: float = 2.0  # seconds; 0 turns the folder watcher off
+    drain_timeout: float = 30.0
+    ready_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.quantization in QUANTIZATIONS, f"--quantization must be one of {QUANTIZATIONS}"),
+            (self.compute_dtype in DTYPES, f"--compute-dtype must be one of {DTYPES}"),
+            (self.max_active_adapters >= 1, "--max-active-adapters must be at least 1"),
+            (1 <= self.max_lora_rank <= 1024, "--max-lora-rank must be in [1, 1024]"),
+            (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
+            (self.max_queue >= 1, "--max-queue must be at least 1"),
+            (self.max_new_tokens_limit >= 1, "--max-new-tokens-limit must be at least 1"),
+            (
+                1 <= self.default_max_new_tokens <= self.max_new_tokens_limit,
+                "--default-max-new-tokens must be in [1, --max-new-tokens-limit]",
+            ),
+            (self.host_cache_bytes >= 0, "--host-cache-bytes must be >= 0"),
+            (self.max_adapter_bytes >= 1, "--max-adapter-bytes must be positive"),
+            (self.adapter_scan_interval >= 0, "--adapter-scan-interval must be >= 0"),
+            (0 <= self.port <= 65535, "--port must be in [0, 65535]"),
+            (-1 <= self.metrics_port <= 65535, "--metrics-port must be in [-1, 65535]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def adapter_roots(self) -> tuple[Path, ...]:
+        """Folders under which RegisterAdapter may read, symlinks resolved."""
+        return tuple(p.resolve() for p in (self.adapter_dir, *self.allow_adapter_roots))

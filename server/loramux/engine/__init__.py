@@ -1,0 +1,1 @@
+"""Requests, scheduling and the step loop (the scheduler holds no torch and no gRPC)."""

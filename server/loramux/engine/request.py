@@ -1,0 +1,71 @@
+"""A generation request as the engine sees it, and the events it streams back."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+_ids = itertools.count()
+
+
+class Finish(Enum):
+    LENGTH = 1
+    EOS = 2
+    STOP = 3
+
+
+@dataclass(frozen=True)
+class Params:
+    """Validated sampling settings of one request."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step's output for a request: new text and tokens, or the end (finish or error)."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish: Finish | None = None
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """Owns one request's state from submission to its last event."""
+
+    adapter_id: str  # "" for the bare base
+    prompt_ids: list[int]
+    params: Params
+    request_id: str
+    deadline: float | None  # time.monotonic() value, or None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    seq: int = field(default_factory=lambda: next(_ids))
+    arrived: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
+    first_token: float | None = None
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def emit(self, event: Event) -> None:
+        """Hand an event to the request's event loop (called from the engine thread)."""
+        if event.finish is not None or event.error is not None:
+            self.done = True
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            pass

@@ -1,0 +1,1 @@
+"""Adapters: the registry on disk, the host cache, and the device slots."""

@@ -1,0 +1,157 @@
+"""Adapter tiers above the registry: host cache (RAM, LRU by bytes) and device slots.
+
+Device slots hold the adapters the running batch may use. An adapter with running
+requests is *pinned*: it sits in `_pinned`, outside the LRU, so it can never be evicted
+under them. Idle resident adapters sit in the LRU; evicting one (the side effect in one
+hook, `_SlotLRU.popitem`) frees its slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from cachetools import LRUCache
+
+from loramux.errors import Internal, LoramuxError
+from loramux.lora.layers import StackedLoraLinear
+from loramux.lora.store import AdapterRecord, AdapterStore, AdapterWeights
+
+log = logging.getLogger(__name__)
+
+
+class _SlotLRU(LRUCache):
+    """adapter_id -> slot for idle resident adapters; eviction calls `on_evict`."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[str, int], None]) -> None:
+        super().__init__(maxsize)
+        self._on_evict = on_evict
+
+    def popitem(self):
+        adapter_id, slot = super().popitem()
+        self._on_evict(adapter_id, slot)
+        return adapter_id, slot
+
+
+class SlotsFull(LoramuxError):
+    """Every slot is pinned by running requests; the caller waits for a release."""
+
+
+class AdapterSlots:
+    """Owns the host cache, the slot table and the copies into the stacked layers."""
+
+    def __init__(self, store: AdapterStore, layers: dict[str, StackedLoraLinear], num_slots: int,
+                 host_cache_bytes: int, metrics) -> None:
+        self.store = store
+        self.layers = layers
+        self.num_slots = num_slots
+        self.metrics = metrics
+        self.host = LRUCache(maxsize=max(host_cache_bytes, 1), getsizeof=lambda w: w.nbytes)
+        self._lru = _SlotLRU(num_slots, self._evicted)
+        self._pinned: dict[str, tuple[int, int]] = {}  # adapter_id -> (slot, pin count)
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._lock = threading.RLock()
+
+    # --- queries -----------------------------------------------------------------------
+    def resident(self) -> set[str]:
+        with self._lock:
+            return set(self._lru) | set(self._pinned)
+
+    def can_acquire(self, adapter_id: str) -> bool:
+        """True if `acquire` would succeed without waiting for a release."""
+        with self._lock:
+            return adapter_id in self._pinned or adapter_id in self._lru or bool(self._free) or bool(self._lru)
+
+    # --- pin / unpin -------------------------------------------------------------------
+    def acquire(self, adapter_id: str) -> int:
+        """Pin `adapter_id` into a slot, loading it if needed; return the slot."""
+        with self._lock:
+            if adapter_id in self._pinned:
+                slot, count = self._pinned[adapter_id]
+                self._pinned[adapter_id] = (slot, count + 1)
+                self.metrics.adapter_cache_hits.inc()
+                return slot
+            if adapter_id in self._lru:
+                slot = self._lru.pop(adapter_id)
+                self._pinned[adapter_id] = (slot, 1)
+                self.metrics.adapter_cache_hits.inc()
+                return slot
+            self.metrics.adapter_cache_misses.inc()
+            record = self.store.get(adapter_id)
+            slot = self._take_slot()
+            try:
+                self._load(record, slot)
+            except BaseException:
+                self._free.append(slot)
+                raise
+            self._pinned[adapter_id] = (slot, 1)
+            self._update_gauges()
+            return slot
+
+    def release(self, adapter_id: str) -> None:
+        """Unpin once; at zero the adapter becomes evictable (or is dropped if unregistered)."""
+        with self._lock:
+            slot, count = self._pinned[adapter_id]
+            if count > 1:
+                self._pinned[adapter_id] = (slot, count - 1)
+                return
+            del self._pinned[adapter_id]
+            try:
+                self.store.get(adapter_id)
+            except LoramuxError:  # unregistered while running: free the slot now
+                self._clear(slot)
+            else:
+                self._lru[adapter_id] = slot
+            self._update_gauges()
+
+    def forget(self, adapter_id: str) -> None:
+        """Drop an unregistered adapter from host cache and (if idle) its slot."""
+        with self._lock:
+            self.host.pop(adapter_id, None)
+            if adapter_id in self._lru:
+                self._clear(self._lru.pop(adapter_id))
+            self._update_gauges()
+
+    # --- internals ---------------------------------------------------------------------
+    def _take_slot(self) -> int:
+        if not self._free:
+            if not self._lru:
+                raise SlotsFull("all adapter slots are in use by running requests")
+            self._lru.popitem()  # evicts the least recently used idle adapter
+        return self._free.pop()
+
+    def _evicted(self, adapter_id: str, slot: int) -> None:
+        self.metrics.adapter_evictions.inc()
+        self._clear(slot)
+
+    def _clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.load_slot(slot, None, None, 0.0)
+        self._free.append(slot)
+
+    def _host_weights(self, record: AdapterRecord) -> AdapterWeights:
+        weights = self.host.get(record.adapter_id)
+        if weights is None:
+            weights = self.store.load_weights(record)
+            if weights.nbytes <= self.host.maxsize:
+                self.host[record.adapter_id] = weights
+        return weights
+
+    def _load(self, record: AdapterRecord, slot: int) -> None:
+        start = time.perf_counter()
+        weights = self._host_weights(record)
+        try:
+            for name, layer in self.layers.items():
+                a, b, scaling = weights.layers.get(name, (None, None, 0.0))
+                layer.load_slot(slot, a, b, scaling)
+        except Exception as exc:
+            for layer in self.layers.values():
+                layer.load_slot(slot, None, None, 0.0)
+            raise Internal(f"loading adapter {record.adapter_id!r} into a slot failed: {exc}") from exc
+        self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
+
+    def _update_gauges(self) -> None:
+        self.metrics.adapters_active.set(len(self._lru) + len(self._pinned))
+        self.metrics.adapter_host_cache_bytes.set(self.host.currsize)

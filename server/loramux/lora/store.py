@@ -1,0 +1,174 @@
+"""The adapter registry: adapter id -> validated folder on disk.
+
+Registration checks everything that could fail later (files, config, target modules,
+shapes, rank), so a bad adapter is refused here and never discovered at request time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from loramux.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from loramux.lora import files
+
+ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One registered adapter: what ListAdapters reports and what loading needs."""
+
+    adapter_id: str
+    path: Path
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]  # short names, e.g. ("q_proj", "v_proj")
+    size_bytes: int
+    source: str  # "rpc" or "dir"
+    scalings: dict[str, float] = field(repr=False, default_factory=dict)  # module -> scaling
+    tensor_names: dict[str, dict[str, str]] = field(repr=False, default_factory=dict)
+    signature: tuple = field(repr=False, default=())  # (size, mtime_ns) of the weights file
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter's tensors in host memory: module -> (A [r, in], B [out, r], scaling)."""
+
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b, _ in self.layers.values())
+
+
+def check_adapter_id(adapter_id: str) -> None:
+    if not ADAPTER_ID.match(adapter_id) or ".." in adapter_id:
+        raise InvalidArgument(
+            f"adapter id {adapter_id[:64]!r} is invalid: use 1-128 characters from "
+            "letters, digits, '.', '_', '-', '/', starting with a letter or digit"
+        )
+
+
+class AdapterStore:
+    """Owns the id -> record map; validates against the base model's layer shapes."""
+
+    def __init__(self, layer_shapes: dict[str, tuple[int, int]], roots: tuple[Path, ...],
+                 max_rank: int, max_bytes: int, dtype: torch.dtype) -> None:
+        self.layer_shapes = layer_shapes  # module name -> (in_features, out_features)
+        self.roots = roots
+        self.max_rank = max_rank
+        self.max_bytes = max_bytes
+        self.dtype = dtype
+        self._records: dict[str, AdapterRecord] = {}
+        self._lock = threading.Lock()
+
+    def resolve_path(self, path: str) -> Path:
+        """Resolve symlinks and `..`, then require the result under an allowed root."""
+        if not path or "\x00" in path:
+            raise InvalidArgument("path is empty or contains a NUL byte")
+        real = Path(os.path.realpath(path))
+        for root in self.roots:
+            if real == root or root in real.parents:
+                return real
+        allowed = ", ".join(str(r) for r in self.roots)
+        raise PermissionDenied(f"path {path!r} is outside the allowed adapter roots ({allowed})")
+
+    def inspect(self, adapter_id: str, folder: Path, source: str) -> AdapterRecord:
+        """Validate an adapter folder without registering it."""
+        check_adapter_id(adapter_id)
+        if not folder.is_dir():
+            raise InvalidArgument(f"{folder}: not a folder")
+        config = files.read_config(folder)
+        wpath = files.weights_path(folder)
+        header = files.read_safetensors_header(wpath, self.max_bytes)
+        modules = files.group_by_module(list(header), wpath)
+        scalings, ranks = {}, []
+        for module, pair in modules.items():
+            rank = self._check_shapes(module, header[pair["A"]][1], header[pair["B"]][1], wpath)
+            alpha = files.pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+            scale = math.sqrt(rank) if config.get("use_rslora") else rank
+            scalings[module] = float(alpha) / scale
+            ranks.append(rank)
+        stat = wpath.stat()
+        return AdapterRecord(
+            adapter_id=adapter_id, path=folder, rank=max(ranks),
+            alpha=float(config.get("lora_alpha", 8)),
+            target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in modules})),
+            size_bytes=stat.st_size + (folder / files.CONFIG_FILE).stat().st_size,
+            source=source, scalings=scalings, tensor_names=modules,
+            signature=(stat.st_size, stat.st_mtime_ns),
+        )
+
+    def _check_shapes(self, module: str, a: list[int], b: list[int], path: Path) -> int:
+        if module not in self.layer_shapes:
+            raise InvalidArgument(
+                f"{path}: targets {module}, which the base model does not have (or is not a "
+                "linear layer of its decoder blocks)"
+            )
+        fan_in, fan_out = self.layer_shapes[module]
+        if len(a) != 2 or len(b) != 2 or a[1] != fan_in or b[0] != fan_out or a[0] != b[1]:
+            raise InvalidArgument(
+                f"{path}: {module} has lora_A {a} and lora_B {b}; the base layer needs "
+                f"[r, {fan_in}] and [{fan_out}, r]. Was it trained on another base model?"
+            )
+        if not 1 <= a[0] <= self.max_rank:
+            raise InvalidArgument(f"{path}: rank {a[0]} at {module} exceeds --max-lora-rank {self.max_rank}")
+        return a[0]
+
+    def add(self, record: AdapterRecord) -> AdapterRecord:
+        with self._lock:
+            if record.adapter_id in self._records:
+                raise AlreadyExists(f"adapter {record.adapter_id!r} is already registered; unregister it first")
+            self._records[record.adapter_id] = record
+        return record
+
+    def remove(self, adapter_id: str) -> AdapterRecord:
+        with self._lock:
+            record = self._records.pop(adapter_id, None)
+        if record is None:
+            raise NotFound(f"adapter {adapter_id!r} is not registered")
+        return record
+
+    def get(self, adapter_id: str) -> AdapterRecord:
+        record = self._records.get(adapter_id)
+        if record is None:
+            raise NotFound(f"adapter {adapter_id!r} is not registered (ListAdapters shows those that are)")
+        return record
+
+    def list(self) -> list[AdapterRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.adapter_id)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def load_weights(self, record: AdapterRecord) -> AdapterWeights:
+        """Read the tensors of a registered adapter into host memory, re-checking the file."""
+        wpath = files.weights_path(record.path)
+        stat = wpath.stat()
+        if (stat.st_size, stat.st_mtime_ns) != record.signature:
+            # Changed on disk since registration: check it again before trusting it.
+            fresh = self.inspect(record.adapter_id, record.path, record.source)
+            if fresh.tensor_names != record.tensor_names or fresh.scalings != record.scalings:
+                raise InvalidArgument(
+                    f"adapter {record.adapter_id!r}: files changed since registration; register it again"
+                )
+        try:
+            tensors = load_file(str(wpath), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise InvalidArgument(f"{wpath}: cannot read tensors ({exc})") from None
+        layers = {}
+        for module, pair in record.tensor_names.items():
+            a, b = tensors[pair["A"]].to(self.dtype), tensors[pair["B"]].to(self.dtype)
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise InvalidArgument(f"{wpath}: {module} holds NaN or infinite values")
+            layers[module] = (a.contiguous(), b.contiguous(), record.scalings[module])
+        return AdapterWeights(layers)

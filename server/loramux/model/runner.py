@@ -1,0 +1,132 @@
+"""The base model with stacked LoRA slots, run one prefill or decode step at a time.
+
+Rows of different lengths share one left-padded KV cache: a 2-D attention mask hides the
+padding and explicit position ids keep each row's positions its own, so a row's output
+does not depend on the rows beside it. Rows join (`merge`) and leave (`select`) between
+steps: continuous batching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from loramux.lora.layers import attach_stacked_lora
+
+
+@dataclass
+class Batch:
+    """KV state of rows decoded together; index i of every field is row i."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [B, kv_heads, L, head_dim] x2
+    mask: torch.Tensor  # [B, L] long: 1 for a real token, 0 for left padding
+    next_pos: list[int]  # position id of each row's next token
+    slots: list[int]  # LoRA slot per row, -1 for the bare base
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+
+class Runner:
+    """Owns the model (base + LoRA slots) and the tensors of one step; no scheduling."""
+
+    def __init__(self, model, tokenizer, num_slots: int, max_rank: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device)
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: (layer.in_features, layer.out_features) for n, layer in self.layers.items()}
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(b.nbytes for layer in self.layers.values() for b in layer.buffers(recurse=False))
+
+    def model_bytes(self) -> int:
+        return self.model.get_memory_footprint() - self.slot_bytes
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, Batch]:
+        """Run whole prompts; return last-position logits [n, vocab] and their batch."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, slots)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return logits, Batch(kv, mask, [len(p) for p in prompts], list(slots))
+
+    @torch.inference_mode()
+    def decode(self, batch: Batch, tokens: list[int]) -> torch.Tensor:
+        """Feed one token per row, extend the batch's cache; return logits [B, vocab]."""
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
+        batch.mask = F.pad(batch.mask, (0, 1), value=1)
+        positions = torch.tensor(batch.next_pos, dtype=torch.long, device=self.device).view(-1, 1)
+        cache = DynamicCache(ddp_cache_data=batch.kv)
+        logits = self._forward(ids, batch.mask, positions, cache, batch.slots)
+        batch.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        batch.next_pos = [p + 1 for p in batch.next_pos]
+        return logits
+
+    def _forward(self, ids, mask, positions, cache, slots) -> torch.Tensor:
+        self.ctx.set(slots, self.device)
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self.ctx.set([], self.device)
+        return out.logits[:, -1, :]
+
+
+def merge(a: Batch | None, b: Batch) -> Batch:
+    """Rows of `a` then rows of `b`, left-padding the shorter cache."""
+    if a is None:
+        return b
+    width = max(a.mask.shape[1], b.mask.shape[1])
+
+    def lpad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+        extra = width - t.shape[-dim_from_end]
+        if extra == 0:
+            return t
+        pad = [0, 0] * (dim_from_end - 1) + [extra, 0]
+        return F.pad(t, pad)
+
+    kv = [(torch.cat([lpad(ka, 2), lpad(kb, 2)]), torch.cat([lpad(va, 2), lpad(vb, 2)]))
+          for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)]
+    mask = torch.cat([lpad(a.mask, 1), lpad(b.mask, 1)])
+    return Batch(kv, mask, a.next_pos + b.next_pos, a.slots + b.slots)
+
+
+def select(batch: Batch, keep: list[int]) -> Batch | None:
+    """Keep only rows `keep` (in that order) and drop columns that are padding for all."""
+    if not keep:
+        return None
+    idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+    mask = batch.mask.index_select(0, idx)
+    start = int((mask.sum(0) > 0).nonzero()[0, 0]) if mask.any() else 0
+    kv = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in batch.kv]
+    return Batch(kv, mask[:, start:], [batch.next_pos[i] for i in keep], [batch.slots[i] for i in keep])
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    ids = ids if isinstance(ids, list) else [ids]
+    ids = {i for i in ids if i is not None}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

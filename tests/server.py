@@ -1,0 +1,75 @@
+"""Running a real `loramux serve` process on a loopback ephemeral port, for tests and benches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loramux.client import Client
+
+
+class ServerProcess:
+    """Owns one server subprocess: start, wait until SERVING, address, metrics, stop."""
+
+    def __init__(self, workdir: Path, *args: str, env: dict | None = None, timeout: float = 180) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.ready = workdir / f"ready-{time.monotonic_ns()}.json"
+        self.log_path = workdir / f"server-{time.monotonic_ns()}.log"
+        cmd = [sys.executable, "-m", "loramux", "serve", "--port", "0", "--metrics-port", "0",
+               "--ready-file", str(self.ready), *args]
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self._wait_ready(timeout)
+        info = json.loads(self.ready.read_text())
+        self.port, self.metrics_port = info["port"], info["metrics_port"]
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _wait_ready(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while not self.ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.stop()
+                raise RuntimeError(f"server did not start:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def client(self, timeout: float = 120) -> Client:
+        return Client(self.address, timeout=timeout)
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def metrics(self) -> dict[str, float]:
+        """Scrape /metrics into {series: value} (labels kept in the series name)."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
