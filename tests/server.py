@@ -13,19 +13,19 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from loramux.client import Client
 
 
 class ServerProcess:
     """Owns one server subprocess: start, wait until SERVING, address, metrics, stop."""
 
-    def __init__(self, workdir: Path, *args: str, env: dict | None = None, timeout: float = 180) -> None:
+    def __init__(self, workdir: Path, *args: str, env: dict | None = None, timeout: float = 180,
+                 command: list[str] | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.ready = workdir / f"ready-{time.monotonic_ns()}.json"
         self.log_path = workdir / f"server-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "loramux", "serve", "--port", "0", "--metrics-port", "0",
-               "--ready-file", str(self.ready), *args]
+        command = command or [sys.executable, "-m", "loramux", "serve", "--port", "0"]
+        cmd = [*command, "--metrics-port", "0", "--ready-file", str(self.ready), *args]
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})

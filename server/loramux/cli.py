@@ -84,6 +84,9 @@ def _client_parsers(sub) -> None:
     u = asub.add_parser("unregister")
     u.add_argument("adapter_id")
 
+    h = sub.add_parser("health", help="exit 0 if the server's gRPC health check says SERVING")
+    _add(h, "--address", str, DEFAULT_ADDRESS, "server address")
+
     b = sub.add_parser("build-model", help="build a local random-weight model (no network)")
     b.add_argument("--name", default="tiny", help="tiny | bench-30m")
 
@@ -153,6 +156,17 @@ def _adapters(args) -> int:
     return 0
 
 
+def _health(args) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return 0 if serving else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("train", "merge"):
@@ -169,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import grpc
 
+    commands = {"generate": _generate, "adapters": _adapters, "health": _health}
     try:
-        return _generate(args) if args.command == "generate" else _adapters(args)
+        return commands[args.command](args)
     except grpc.RpcError as exc:
         print(f"loramux: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -7,7 +7,12 @@ labelled by adapter id (vLLM's reviewers rejected unbounded label sets for this 
 from __future__ import annotations
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
 )
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
@@ -22,27 +27,36 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        p = "loramux_"
-        self.requests = Counter(p + "requests", "Finished requests by gRPC status", ["status"], registry=r)
-        self.request_duration = Histogram(p + "request_duration_seconds", "Arrival to last token", buckets=_LATENCY, registry=r)
-        self.queue_wait = Histogram(p + "queue_wait_seconds", "Arrival to admission into the batch", buckets=_LATENCY, registry=r)
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY, registry=r)
-        self.tpot = Histogram(p + "time_per_output_token_seconds", "Mean time between tokens of a request", buckets=_TOKEN, registry=r)
-        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of admitted requests", registry=r)
-        self.generated_tokens = Counter(p + "generated_tokens", "Generated tokens", registry=r)
-        self.batch_size = Histogram(p + "batch_size", "Rows per decode step", buckets=_SIZE, registry=r)
-        self.batch_adapters = Histogram(p + "batch_adapters", "Distinct adapters per decode step", buckets=_SIZE, registry=r)
-        self.queue_depth = Gauge(p + "queue_depth", "Requests waiting for admission", registry=r)
-        self.running = Gauge(p + "running_requests", "Requests in the running batch", registry=r)
-        self.adapter_cache_hits = Counter(p + "adapter_cache_hits", "Adapter already in a device slot when needed", registry=r)
-        self.adapter_cache_misses = Counter(p + "adapter_cache_misses", "Adapter loaded into a device slot when needed", registry=r)
-        self.adapter_evictions = Counter(p + "adapter_evictions", "Adapters evicted from device slots", registry=r)
-        self.adapter_load_seconds = Histogram(p + "adapter_load_seconds", "Host or disk to device slot", buckets=_TOKEN, registry=r)
-        self.adapters_active = Gauge(p + "adapters_active", "Adapters resident in device slots", registry=r)
-        self.adapters_registered = Gauge(p + "adapters_registered", "Registered adapters", registry=r)
-        self.adapter_host_cache_bytes = Gauge(p + "adapter_host_cache_bytes", "Bytes of adapter tensors in the host cache", registry=r)
-        self.model_memory = Gauge(p + "model_memory_bytes", "Base model weights and buffers, bytes", registry=r)
-        self.lora_slot_memory = Gauge(p + "lora_slot_memory_bytes", "Stacked LoRA slot tensors on the device, bytes", registry=r)
+
+        def counter(name: str, doc: str, labels=()) -> Counter:
+            return Counter("loramux_" + name, doc, labels, registry=r)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge("loramux_" + name, doc, registry=r)
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram("loramux_" + name, doc, buckets=buckets, registry=r)
+
+        self.requests = counter("requests", "Finished Generation calls by gRPC status", ["status"])
+        self.request_duration = histogram("request_duration_seconds", "Arrival to last token", _LATENCY)
+        self.queue_wait = histogram("queue_wait_seconds", "Arrival to admission into the batch", _LATENCY)
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", _LATENCY)
+        self.tpot = histogram("time_per_output_token_seconds", "Mean time between a request's tokens", _TOKEN)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests")
+        self.generated_tokens = counter("generated_tokens", "Generated tokens")
+        self.batch_size = histogram("batch_size", "Rows per decode step", _SIZE)
+        self.batch_adapters = histogram("batch_adapters", "Distinct adapters per decode step", _SIZE)
+        self.queue_depth = gauge("queue_depth", "Requests waiting for admission")
+        self.running = gauge("running_requests", "Requests in the running batch")
+        self.adapter_cache_hits = counter("adapter_cache_hits", "Adapter already in a device slot when needed")
+        self.adapter_cache_misses = counter("adapter_cache_misses", "Adapter loaded into a device slot when needed")
+        self.adapter_evictions = counter("adapter_evictions", "Adapters evicted from device slots")
+        self.adapter_load_seconds = histogram("adapter_load_seconds", "Host or disk to device slot", _TOKEN)
+        self.adapters_active = gauge("adapters_active", "Adapters resident in device slots")
+        self.adapters_registered = gauge("adapters_registered", "Registered adapters")
+        self.adapter_host_cache_bytes = gauge("adapter_host_cache_bytes", "Adapter tensor bytes in the host cache")
+        self.model_memory = gauge("model_memory_bytes", "Base model weights and buffers, bytes")
+        self.lora_slot_memory = gauge("lora_slot_memory_bytes", "Stacked LoRA slot tensors on the device, bytes")
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP; return the bound port (useful with port 0)."""

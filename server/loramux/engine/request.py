@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -65,7 +66,5 @@ class Request:
         """Hand an event to the request's event loop (called from the engine thread)."""
         if event.finish is not None or event.error is not None:
             self.done = True
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody listens any more
-            pass

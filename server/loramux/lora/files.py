@@ -82,7 +82,9 @@ def read_safetensors_header(path: Path, max_bytes: int) -> dict[str, tuple[str, 
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise InvalidArgument(f"{path}: tensor {name!r} has a bad dtype, shape or offsets")
+            raise InvalidArgument(
+                f"{path}: tensor {name!r} has a bad dtype, shape or offsets; the file is corrupt or truncated"
+            )
         out[name] = (dtype, list(shape))
     return out
 

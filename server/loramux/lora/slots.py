@@ -78,9 +78,9 @@ class AdapterSlots:
                 self._pinned[adapter_id] = (slot, 1)
                 self.metrics.adapter_cache_hits.inc()
                 return slot
-            self.metrics.adapter_cache_misses.inc()
             record = self.store.get(adapter_id)
             slot = self._take_slot()
+            self.metrics.adapter_cache_misses.inc()
             try:
                 self._load(record, slot)
             except BaseException:

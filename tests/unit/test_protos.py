@@ -1,0 +1,25 @@
+"""The committed stubs match the .proto (regenerate: python scripts/gen_protos.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generated_stubs_are_fresh():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_wire_contract_field_numbers():
+    from loramux.pb.loramux.v1 import loramux_pb2 as pb
+
+    fields = {f.name: f.number for f in pb.GenerateResponse.DESCRIPTOR.fields}
+    assert fields == {"text": 1, "token_ids": 2, "finish_reason": 3, "prompt_tokens": 4,
+                      "generated_tokens": 5, "adapter_id": 6}
+    assert {f.name: f.number for f in pb.SamplingParams.DESCRIPTOR.fields} == {
+        "max_new_tokens": 1, "temperature": 2, "top_p": 3, "top_k": 4, "seed": 5, "stop": 6}

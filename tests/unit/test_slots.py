@@ -1,0 +1,89 @@
+"""Device slots as a table: residency, pinning and eviction after every step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from loramux.errors import NotFound
+from loramux.lora.layers import attach_stacked_lora
+from loramux.lora.slots import AdapterSlots, SlotsFull
+from loramux.lora.store import AdapterStore
+from loramux.metrics import Metrics
+from safetensors.torch import save_file
+from torch import nn
+
+IN, OUT = 8, 6
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(IN, OUT, bias=False)])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+def write_adapter(folder: Path, rank: int, value: float) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(f'{{"peft_type": "LORA", "r": {rank}, "lora_alpha": {rank}}}')
+    save_file({"base_model.model.layers.0.lora_A.weight": torch.full((rank, IN), value),
+               "base_model.model.layers.0.lora_B.weight": torch.full((OUT, rank), 1.0)},
+              str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = Toy()
+    ctx, layers = attach_stacked_lora(model, num_slots=2, max_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+    store = AdapterStore({n: (IN, OUT) for n in layers}, (tmp_path.resolve(),), 4, 1 << 20, torch.float32)
+    for i, name in enumerate("abc"):
+        store.add(store.inspect(name, write_adapter(tmp_path / name, rank=2 + i % 2, value=i + 1.0), "rpc"))
+    metrics = Metrics()
+    return model, ctx, AdapterSlots(store, layers, 2, 1 << 20, metrics), metrics
+
+
+def test_lru_with_pinning(setup):
+    model, ctx, slots, metrics = setup
+    sa = slots.acquire("a")
+    sb = slots.acquire("b")
+    assert slots.resident() == {"a", "b"} and sa != sb
+    with pytest.raises(SlotsFull):
+        slots.acquire("c")  # both pinned: nothing may be evicted under a running request
+    slots.release("a")
+    assert slots.acquire("c") == sa  # a (idle, least recent) is evicted, its slot reused
+    assert slots.resident() == {"b", "c"}
+    slots.release("b")
+    slots.release("c")
+    assert slots.acquire("c") == sa  # hit
+    assert slots.acquire("a") == sb  # b was least recently used
+    assert (metrics.adapter_cache_misses._value.get(), metrics.adapter_cache_hits._value.get()) == (4, 1)
+    assert metrics.adapter_evictions._value.get() == 2
+
+
+def test_rows_use_their_own_slot(setup):
+    model, ctx, slots, _ = setup
+    x = torch.ones(3, 1, IN)
+    base = model(x)
+    s_a, s_b = slots.acquire("a"), slots.acquire("b")
+    ctx.set([s_a, -1, s_b], torch.device("cpu"))
+    out = model(x)
+    # a: rank 2, A=1, B=1, scaling 1 -> +2*8 per output; b: rank 3, A=2 -> +3*16
+    assert torch.allclose(out[0] - base[0], torch.full((1, OUT), 16.0))
+    assert torch.equal(out[1], base[1])
+    assert torch.allclose(out[2] - base[2], torch.full((1, OUT), 48.0))
+
+
+def test_unregistered_while_pinned_frees_slot_on_release(setup):
+    _, _, slots, _ = setup
+    slots.acquire("a")
+    slots.store.remove("a")
+    slots.forget("a")
+    assert "a" in slots.resident()  # still pinned by its running request
+    slots.release("a")
+    assert "a" not in slots.resident()
+    with pytest.raises(NotFound):
+        slots.acquire("a")
