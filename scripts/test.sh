@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 VENV=${LORAMUX_VENV:-.venv}
-"$VENV/bin/ruff" check server scripts tests bench
+"$VENV/bin/ruff" check .
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
