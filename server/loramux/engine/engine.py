@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class Engine:
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="loramux-prefetch")
 
     # --- called from the gRPC event loop -------------------------------------------------
     def start(self) -> None:
@@ -90,6 +92,8 @@ class Engine:
                 )
             self.scheduler.add(req)
             self.metrics.queue_depth.set(len(self.scheduler))
+        if adapter_id:
+            self._prefetch.submit(self.slots.prefetch, adapter_id)
         self._wake.set()
         return req
 
@@ -121,6 +125,7 @@ class Engine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self._prefetch.shutdown(wait=False, cancel_futures=True)
 
     # --- the worker thread ---------------------------------------------------------------
     def _loop(self) -> None:

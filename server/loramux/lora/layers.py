@@ -17,11 +17,13 @@ from torch import nn
 class RowSlots:
     """Which slot each batch row uses, shared by every wrapped layer for one forward."""
 
+    ranks: list[int]  # rank of the adapter in each slot (0: empty), kept by AdapterSlots
     rows: torch.Tensor | None = None  # [n] long: batch rows that use an adapter
     slots: torch.Tensor | None = None  # [n] long: their slot indices
+    rank: int = 0  # the largest rank among those slots: the only columns worth gathering
 
     def set(self, row_slots: list[int], device: torch.device) -> None:
-        """`row_slots[i]` is row i's slot, or -1 for the bare base."""
+        """`row_slots[i]` is row i's slot, or -1 for the bare base (which skips LoRA)."""
         pairs = [(r, s) for r, s in enumerate(row_slots) if s >= 0]
         if not pairs:
             self.rows = self.slots = None
@@ -29,6 +31,7 @@ class RowSlots:
         rows, slots = zip(*pairs, strict=True)
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.rank = max(self.ranks[s] for s in set(slots))
 
 
 class StackedLoraLinear(nn.Module):
@@ -50,12 +53,14 @@ class StackedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        rows, slots = self.ctx.rows, self.ctx.slots
+        rows, slots, r = self.ctx.rows, self.ctx.slots, self.ctx.rank
         if rows is None:
             return y
+        # Slice to the batch's largest rank before gathering: padding columns are zeros,
+        # so they add nothing but memory traffic.
         xs = x[rows].to(self.lora_a.dtype)  # [n, T, in]
-        h = torch.bmm(xs, self.lora_a[slots].transpose(1, 2))  # [n, T, r]
-        delta = torch.bmm(h, self.lora_b[slots].transpose(1, 2))  # [n, T, out]
+        h = torch.bmm(xs, self.lora_a[:, :r][slots].transpose(1, 2))  # [n, T, r]
+        delta = torch.bmm(h, self.lora_b[:, :, :r][slots].transpose(1, 2))  # [n, T, out]
         delta = delta * self.scaling[slots].view(-1, 1, 1)
         return y.index_add(0, rows, delta.to(y.dtype))
 
@@ -91,7 +96,7 @@ def attach_stacked_lora(model: nn.Module, num_slots: int, max_rank: int, dtype: 
     Returns the shared row->slot context and the wrapped layers by module name (the name
     PEFT uses in its adapter files, e.g. `model.layers.0.self_attn.q_proj`).
     """
-    ctx = RowSlots()
+    ctx = RowSlots(ranks=[0] * num_slots)
     names = [n for n, m in model.named_modules() if is_linear(m) and ".layers." in f".{n}"]
     wrapped: dict[str, StackedLoraLinear] = {}
     for name in names:

@@ -46,6 +46,7 @@ class AdapterSlots:
                  host_cache_bytes: int, metrics) -> None:
         self.store = store
         self.layers = layers
+        self.ranks = next(iter(layers.values())).ctx.ranks  # shared with the forward pass
         self.num_slots = num_slots
         self.metrics = metrics
         self.host = LRUCache(maxsize=max(host_cache_bytes, 1), getsizeof=lambda w: w.nbytes)
@@ -63,6 +64,21 @@ class AdapterSlots:
         """True if `acquire` would succeed without waiting for a release."""
         with self._lock:
             return adapter_id in self._pinned or adapter_id in self._lru or bool(self._free) or bool(self._lru)
+
+    def prefetch(self, adapter_id: str) -> None:
+        """Read an adapter's tensors from disk into the host cache, off the engine thread,
+        so that admitting its request later costs only the copy into a slot."""
+        with self._lock:
+            if adapter_id in self.host or adapter_id in self._pinned or adapter_id in self._lru:
+                return
+            record = self.store.get(adapter_id)
+        try:
+            weights = self.store.load_weights(record)  # the slow part, outside the lock
+        except LoramuxError:
+            return  # acquire() will hit the same error and report it to the request
+        with self._lock:
+            if weights.nbytes <= self.host.maxsize and adapter_id not in self.host:
+                self.host[adapter_id] = weights
 
     # --- pin / unpin -------------------------------------------------------------------
     def acquire(self, adapter_id: str) -> int:
@@ -129,6 +145,7 @@ class AdapterSlots:
     def _clear(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.load_slot(slot, None, None, 0.0)
+        self.ranks[slot] = 0
         self._free.append(slot)
 
     def _host_weights(self, record: AdapterRecord) -> AdapterWeights:
@@ -146,6 +163,7 @@ class AdapterSlots:
             for name, layer in self.layers.items():
                 a, b, scaling = weights.layers.get(name, (None, None, 0.0))
                 layer.load_slot(slot, a, b, scaling)
+            self.ranks[slot] = record.rank
         except Exception as exc:
             for layer in self.layers.values():
                 layer.load_slot(slot, None, None, 0.0)
