@@ -154,3 +154,23 @@ def test_health_and_reflection(server):
     names = {s.name for s in resp.list_services_response.service}
     assert {"loramux.v1.Generation", "loramux.v1.AdapterRegistry", "grpc.health.v1.Health"} <= names
     assert pb.DESCRIPTOR.package == "loramux.v1"
+
+
+REQUIRED_METRICS = [
+    "requests_total", "request_duration_seconds", "queue_wait_seconds", "time_to_first_token_seconds",
+    "time_per_output_token_seconds", "prompt_tokens_total", "generated_tokens_total", "batch_size",
+    "batch_adapters", "queue_depth", "running_requests", "adapter_cache_hits_total",
+    "adapter_cache_misses_total", "adapter_evictions_total", "adapter_load_seconds", "adapters_active",
+    "adapters_registered", "model_memory_bytes",
+]
+
+
+def test_required_metrics_exported(server):
+    with server.client() as c:
+        c.generate("Hello", "good", max_new_tokens=4)
+    names = {series.split("{")[0] for series in server.metrics()}
+    for name in REQUIRED_METRICS:
+        assert any(n == "loramux_" + name or n.startswith(f"loramux_{name}_") for n in names), name
+    assert server.metrics()["loramux_model_memory_bytes"] > 0
+    labelled = {series for series in server.metrics() if "{" in series and "_bucket" not in series}
+    assert all(s.startswith("loramux_requests_total{status=") for s in labelled if s.startswith("loramux_"))

@@ -104,7 +104,6 @@ def check_resume(cfg: TrainConfig, checkpoint: Path, data_sha: str) -> None:
 def training_arguments(cfg: TrainConfig, where, has_eval: bool):
     from transformers import TrainingArguments
 
-    per_epoch = "epoch"
     return TrainingArguments(
         output_dir=str(cfg.checkpoint_dir),
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -117,9 +116,9 @@ def training_arguments(cfg: TrainConfig, where, has_eval: bool):
         seed=cfg.seed, data_seed=cfg.seed,
         bf16=str(where.dtype) == "torch.bfloat16", fp16=str(where.dtype) == "torch.float16",
         use_cpu=where.device.type == "cpu",
-        eval_strategy=("steps" if cfg.eval_steps else per_epoch) if has_eval else "no",
+        eval_strategy=("steps" if cfg.eval_steps else "epoch") if has_eval else "no",
         eval_steps=cfg.eval_steps or None,
-        save_strategy="steps" if cfg.save_steps else per_epoch,
+        save_strategy="steps" if cfg.save_steps else "epoch",
         save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps, report_to="none",
         prediction_loss_only=True, remove_unused_columns=False, label_names=["labels"],
@@ -145,9 +144,17 @@ def save_adapter(model, out: Path) -> None:
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    mode = 0o666 & ~_umask()  # readable by a server running as another user, as umask allows
     for name in reversed(PEFT_FILES):
+        os.chmod(tmp / name, mode)
         os.replace(tmp / name, out / name)
     shutil.rmtree(tmp, ignore_errors=True)  # PEFT's README.md stays out of the adapter folder
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def register(cfg: TrainConfig) -> None:
