@@ -12,11 +12,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loramux.api.auth import AdminTokenInterceptor
 from loramux.api.interceptor import ErrorInterceptor
 from loramux.api.servicers import AdapterRegistryServicer, GenerationServicer
 from loramux.config import ServerConfig
 from loramux.engine.engine import Engine
 from loramux.engine.watcher import AdapterDirWatcher
+from loramux.lora import registry_file
 from loramux.lora.slots import AdapterSlots
 from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
@@ -45,7 +47,8 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     store = AdapterStore(runner.layer_shapes, cfg.adapter_roots, cfg.max_lora_rank,
                          cfg.max_adapter_bytes, dtype)
     slots = AdapterSlots(store, runner.layers, cfg.max_active_adapters, cfg.host_cache_bytes, metrics)
-    return Engine(runner, store, slots, metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_model_len)
+    return Engine(runner, store, slots, metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_model_len,
+                  registry_path=cfg.adapter_dir / registry_file.FILE_NAME)
 
 
 class App:
@@ -62,15 +65,26 @@ class App:
 
     async def start(self) -> None:
         self.engine.start()
+        self.engine.restore()
         self.watcher.start()
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics)])
+        interceptors = [ErrorInterceptor(self.metrics)]
+        if self.cfg.admin_token:
+            interceptors.insert(0, AdminTokenInterceptor(self.cfg.admin_token))
+        limit = self.cfg.max_message_bytes
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
         pb_grpc.add_GenerationServicer_to_server(GenerationServicer(
             self.engine, self.cfg.default_max_new_tokens, self.cfg.max_new_tokens_limit), self.server)
         pb_grpc.add_AdapterRegistryServicer_to_server(AdapterRegistryServicer(self.engine), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        if self.cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(self.cfg.tls_key.read_bytes(), self.cfg.tls_cert.read_bytes())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {self.cfg.host}:{self.cfg.port}")
         await self.server.start()

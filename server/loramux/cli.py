@@ -57,6 +57,10 @@ def _serve_parser(sub) -> None:
     _add(p, "--max-model-len", int, None, "prompt + answer tokens; unset: the model's maximum")
     _add(p, "--adapter-scan-interval", float, 2.0, "seconds between --adapter-dir scans (0: off)")
     _add(p, "--drain-timeout", float, 30.0, "seconds running requests get to finish on SIGTERM")
+    _add(p, "--admin-token", str, None, "require this bearer token for adapter registry writes")
+    _add(p, "--tls-cert", Path, None, "PEM certificate chain: serve TLS (with --tls-key)")
+    _add(p, "--tls-key", Path, None, "PEM private key for --tls-cert")
+    _add(p, "--max-message-bytes", int, 4 << 20, "largest gRPC message received or sent")
     _add(p, "--ready-file", Path, None, "write {port, metrics_port} as JSON here once serving")
     _add(p, "--log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR")
 
@@ -73,9 +77,12 @@ def _client_parsers(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--no-stream", action="store_true", help="one unary call instead of a stream")
+    _add(g, "--tls-ca", Path, None, "PEM roots to trust: connect with TLS")
 
     a = sub.add_parser("adapters", help="list, register or unregister adapters")
     _add(a, "--address", str, DEFAULT_ADDRESS, "server address")
+    _add(a, "--admin-token", str, None, "the server's --admin-token")
+    _add(a, "--tls-ca", Path, None, "PEM roots to trust: connect with TLS")
     asub = a.add_subparsers(dest="action", required=True)
     asub.add_parser("list")
     r = asub.add_parser("register")
@@ -118,7 +125,8 @@ def _serve(args) -> int:
             max_new_tokens_limit=args.max_new_tokens_limit,
             default_max_new_tokens=args.default_max_new_tokens, max_model_len=args.max_model_len,
             adapter_scan_interval=args.adapter_scan_interval, drain_timeout=args.drain_timeout,
-            ready_file=args.ready_file,
+            ready_file=args.ready_file, admin_token=args.admin_token, tls_cert=args.tls_cert,
+            tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
         )
     except ValueError as exc:
         print(f"loramux serve: {exc}", file=sys.stderr)
@@ -126,12 +134,16 @@ def _serve(args) -> int:
     return serve(cfg)
 
 
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path else None
+
+
 def _generate(args) -> int:
     from loramux.client import Client
 
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
               "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
-    with Client(args.address) as client:
+    with Client(args.address, tls_ca=_read(args.tls_ca)) as client:
         if args.no_stream:
             print(client.generate(args.prompt, args.adapter, **params).text)
             return 0
@@ -144,7 +156,7 @@ def _generate(args) -> int:
 def _adapters(args) -> int:
     from loramux.client import Client
 
-    with Client(args.address) as client:
+    with Client(args.address, admin_token=args.admin_token, tls_ca=_read(args.tls_ca)) as client:
         if args.action == "register":
             info = client.register(args.adapter_id, str(Path(args.path).resolve()))
             print(f"registered {info.adapter_id}: rank {info.rank}, {info.size_bytes} bytes")

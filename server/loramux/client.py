@@ -23,9 +23,15 @@ def sampling(max_new_tokens: int | None = None, temperature: float = 0.0, top_p:
 class Client:
     """Owns one channel to a loramux server and its service stubs."""
 
-    def __init__(self, address: str, timeout: float | None = 120.0) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, timeout: float | None = 120.0, admin_token: str | None = None,
+                 tls_ca: bytes | None = None, tls: bool = False) -> None:
+        """`tls_ca`: PEM roots to trust (implies TLS); `tls=True` with the system roots."""
+        if tls or tls_ca:
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca))
+        else:
+            self.channel = grpc.insecure_channel(address)
         self.timeout = timeout
+        self._admin = [("authorization", f"Bearer {admin_token}")] if admin_token else None
         self.generation = pb_grpc.GenerationStub(self.channel)
         self.registry = pb_grpc.AdapterRegistryStub(self.channel)
 
@@ -48,11 +54,11 @@ class Client:
 
     def register(self, adapter_id: str, path: str) -> pb.AdapterInfo:
         req = pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path)
-        return self.registry.RegisterAdapter(req, timeout=self.timeout)
+        return self.registry.RegisterAdapter(req, timeout=self.timeout, metadata=self._admin)
 
     def unregister(self, adapter_id: str) -> pb.UnregisterAdapterResponse:
         req = pb.UnregisterAdapterRequest(adapter_id=adapter_id)
-        return self.registry.UnregisterAdapter(req, timeout=self.timeout)
+        return self.registry.UnregisterAdapter(req, timeout=self.timeout, metadata=self._admin)
 
     def list(self) -> list[pb.AdapterInfo]:
         return list(self.registry.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout).adapters)

@@ -33,6 +33,10 @@ class ServerConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     adapter_scan_interval: float = 2.0  # seconds; 0 turns the folder watcher off
     drain_timeout: float = 30.0
+    admin_token: str | None = None  # required (as a bearer token) by AdapterRegistry writes
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_message_bytes: int = 4 << 20  # gRPC receive/send limit
     ready_file: Path | None = None
 
     def __post_init__(self) -> None:
@@ -53,6 +57,8 @@ class ServerConfig:
             (self.adapter_scan_interval >= 0, "--adapter-scan-interval must be >= 0"),
             (0 <= self.port <= 65535, "--port must be in [0, 65535]"),
             (-1 <= self.metrics_port <= 65535, "--metrics-port must be in [-1, 65535]"),
+            ((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together"),
+            (self.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
         ]
         for ok, message in checks:
             if not ok:

@@ -33,6 +33,10 @@ class ResourceExhausted(LoramuxError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class FailedPrecondition(LoramuxError):
+    code = "FAILED_PRECONDITION"
+
+
 class Unavailable(LoramuxError):
     code = "UNAVAILABLE"
 

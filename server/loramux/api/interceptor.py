@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-from loramux.errors import LoramuxError
+from loramux.errors import InvalidArgument, LoramuxError
 
 log = logging.getLogger(__name__)
 GENERATION = "/loramux.v1.Generation/"
@@ -36,20 +36,46 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = details.method
         count = self._count if method.startswith(GENERATION) else (lambda status: None)
+        io = {"request_deserializer": _tolerant(handler.request_deserializer),
+              "response_serializer": handler.response_serializer}
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, count),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method, count), **io)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, count),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, method, count), **io)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method, count), **io)
         return handler
 
     def _count(self, status: str) -> None:
         self.metrics.requests.labels(status=status).inc()
+
+
+class _Unparsable:
+    """Stands in for a request the deserializer refused, so that it is answered
+    INVALID_ARGUMENT here rather than grpc's bare INTERNAL."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Unparsable(exc)
+
+    return parse
+
+
+def _check_parsed(request) -> None:
+    if isinstance(request, _Unparsable):
+        raise InvalidArgument(
+            f"request could not be parsed ({type(request.error).__name__}); string fields must be valid UTF-8"
+        )
 
 
 async def _abort(context, exc: BaseException, method: str, count) -> None:
@@ -63,6 +89,7 @@ async def _abort(context, exc: BaseException, method: str, count) -> None:
 def _wrap_unary(behavior, method, count):
     async def wrapper(request, context):
         try:
+            _check_parsed(request)
             response = await behavior(request, context)
         except asyncio.CancelledError:
             count("CANCELLED")
@@ -80,6 +107,7 @@ def _wrap_unary(behavior, method, count):
 def _wrap_stream(behavior, method, count):
     async def wrapper(request, context):
         try:
+            _check_parsed(request)
             async for response in behavior(request, context):
                 yield response
         except asyncio.CancelledError:

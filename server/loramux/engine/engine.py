@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from loramux import faults
 from loramux.engine.request import Event, Finish, Params, Request
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.stream import TextStream
@@ -27,6 +28,7 @@ from loramux.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from loramux.lora import registry_file
 from loramux.lora.slots import AdapterSlots
 from loramux.lora.store import AdapterRecord, AdapterStore
 from loramux.model.runner import Batch, Runner, merge, select
@@ -50,7 +52,9 @@ class Engine:
     """Owns the scheduler, the running batch and the worker thread."""
 
     def __init__(self, runner: Runner, store: AdapterStore, slots: AdapterSlots, metrics,
-                 max_batch_size: int, max_queue: int, max_model_len: int | None) -> None:
+                 max_batch_size: int, max_queue: int, max_model_len: int | None,
+                 registry_path: Path | None = None) -> None:
+        self.registry_path = registry_path  # where RPC registrations persist across restarts
         self.runner = runner
         self.store = store
         self.slots = slots
@@ -85,6 +89,8 @@ class Engine:
             )
         deadline = time.monotonic() + timeout if timeout is not None else None
         req = Request(adapter_id, ids, params, request_id, deadline, asyncio.get_running_loop())
+        marker = faults.step_marker()
+        req.inject_fault = bool(marker) and marker in prompt
         with self._lock:
             if self.scheduler.full():
                 raise ResourceExhausted(
@@ -105,7 +111,24 @@ class Engine:
         folder = self.store.resolve_path(str(path))
         record = self.store.add(self.store.inspect(adapter_id, folder, source))
         self.metrics.adapters_registered.set(len(self.store))
+        if source == "rpc":
+            self._persist()
         return record
+
+    def restore(self) -> None:
+        """Register again what was registered by RPC before a restart."""
+        if self.registry_path is None:
+            return
+        for adapter_id, path in registry_file.read(self.registry_path).items():
+            try:
+                self.register(adapter_id, path)
+            except LoramuxError as exc:
+                log.warning("not restoring adapter %r from %s: %s", adapter_id, path, exc)
+
+    def _persist(self) -> None:
+        if self.registry_path is not None:
+            rpc = {r.adapter_id: str(r.path) for r in self.store.list() if r.source == "rpc"}
+            registry_file.write(self.registry_path, rpc)
 
     def unregister(self, adapter_id: str) -> AdapterRecord:
         record = self.store.remove(adapter_id)
@@ -115,6 +138,8 @@ class Engine:
         for req in dropped:
             self._fail(req, NotFound(f"adapter {adapter_id!r} was unregistered while the request waited"))
         self.metrics.adapters_registered.set(len(self.store))
+        if record.source == "rpc":
+            self._persist()
         return record
 
     def idle(self) -> bool:
@@ -194,6 +219,8 @@ class Engine:
 
     def _prefill(self, rows: list[Row]) -> None:
         try:
+            if any(r.req.inject_fault for r in rows):
+                raise faults.InjectedFault("injected fault in a prefill step")
             logits, batch = self.runner.prefill([r.req.prompt_ids for r in rows], [r.slot for r in rows])
             tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         except Exception as exc:

@@ -13,9 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
 from cachetools import LRUCache
 
-from loramux.errors import Internal, LoramuxError
+from loramux import faults
+from loramux.errors import FailedPrecondition, Internal, InvalidArgument, LoramuxError, ResourceExhausted
 from loramux.lora.layers import StackedLoraLinear
 from loramux.lora.store import AdapterRecord, AdapterStore, AdapterWeights
 
@@ -98,7 +100,13 @@ class AdapterSlots:
             slot = self._take_slot()
             self.metrics.adapter_cache_misses.inc()
             try:
-                self._load(record, slot)
+                self._load_with_retry(record, slot)
+            except InvalidArgument as exc:
+                self._free.append(slot)
+                raise FailedPrecondition(
+                    f"adapter {adapter_id!r} is registered but cannot be loaded: {exc}. Repair its files "
+                    "(the next request reloads them) or register it again"
+                ) from None
             except BaseException:
                 self._free.append(slot)
                 raise
@@ -143,10 +151,13 @@ class AdapterSlots:
         self._clear(slot)
 
     def _clear(self, slot: int) -> None:
+        self._wipe(slot)
+        self._free.append(slot)
+
+    def _wipe(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.load_slot(slot, None, None, 0.0)
         self.ranks[slot] = 0
-        self._free.append(slot)
 
     def _host_weights(self, record: AdapterRecord) -> AdapterWeights:
         weights = self.host.get(record.adapter_id)
@@ -156,17 +167,39 @@ class AdapterSlots:
                 self.host[record.adapter_id] = weights
         return weights
 
+    def _load_with_retry(self, record: AdapterRecord, slot: int) -> None:
+        """Out of memory while loading: drop the host cache, free allocator blocks, retry once."""
+        try:
+            self._load(record, slot)
+            return
+        except torch.OutOfMemoryError:
+            log.warning("out of memory loading adapter %r; evicting the host cache and retrying",
+                        record.adapter_id)
+        self.host.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        try:
+            self._load(record, slot)
+        except torch.OutOfMemoryError:
+            raise ResourceExhausted(
+                f"out of memory loading adapter {record.adapter_id!r}, even after evicting cached adapters"
+            ) from None
+
     def _load(self, record: AdapterRecord, slot: int) -> None:
         start = time.perf_counter()
+        if faults.load_should_oom(record.adapter_id):
+            raise torch.OutOfMemoryError("injected out-of-memory")
         weights = self._host_weights(record)
         try:
             for name, layer in self.layers.items():
                 a, b, scaling = weights.layers.get(name, (None, None, 0.0))
                 layer.load_slot(slot, a, b, scaling)
             self.ranks[slot] = record.rank
+        except torch.OutOfMemoryError:
+            self._wipe(slot)
+            raise
         except Exception as exc:
-            for layer in self.layers.values():
-                layer.load_slot(slot, None, None, 0.0)
+            self._wipe(slot)
             raise Internal(f"loading adapter {record.adapter_id!r} into a slot failed: {exc}") from exc
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
 

@@ -1,0 +1,32 @@
+"""Deliberate failures for fault-injection tests; inert unless LORAMUX_FAULTS is set.
+
+LORAMUX_FAULTS is a comma-separated list of
+  step:MARKER          a prefill step raises when a prompt in it contains MARKER
+  load-oom:ID:N        the first N loads of adapter ID raise out-of-memory
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+_lock = threading.Lock()
+_spec = [f.split(":") for f in os.environ.get("LORAMUX_FAULTS", "").split(",") if f]
+_counts: dict[str, int] = {}
+
+
+class InjectedFault(RuntimeError):
+    """Raised where a test asked for a failure."""
+
+
+def step_marker() -> str | None:
+    return next((f[1] for f in _spec if f[0] == "step" and len(f) == 2), None)
+
+
+def load_should_oom(adapter_id: str) -> bool:
+    for f in _spec:
+        if f[0] == "load-oom" and len(f) == 3 and f[1] == adapter_id:
+            with _lock:
+                _counts[adapter_id] = _counts.get(adapter_id, 0) + 1
+                return _counts[adapter_id] <= int(f[2])
+    return False

@@ -1,0 +1,136 @@
+"""Issue 5 faults: broken adapter files, failing steps, OOM on load, unregister in flight,
+SIGTERM draining, and RPC registrations surviving a restart."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from loramux.pb.loramux.v1 import loramux_pb2 as pb
+from tests.server import ServerProcess
+
+S = grpc.StatusCode
+FAULTS = "step:BOOM,load-oom:oom-once:1,load-oom:oom-always:9"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, adapter_store):
+    work = tmp_path_factory.mktemp("faults")
+    for name, src in (("fragile", "r4-qv"), ("steady", "r16-all"), ("oom-once", "r8-rs"),
+                      ("oom-always", "r32-kv"), ("leaving", "r64-mlp")):
+        shutil.copytree(adapter_store[src], work / "adapters" / name)
+    srv = ServerProcess(work, "--adapter-dir", str(work / "adapters"), "--host-cache-bytes", "0",
+                        "--adapter-scan-interval", "0", "--max-active-adapters", "2", "--max-batch-size", "4",
+                        env={"LORAMUX_FAULTS": FAULTS})
+    srv.work = work
+    yield srv
+    srv.stop()
+
+
+def status_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    try:
+        call(*args, **kwargs)
+    except grpc.RpcError as err:
+        return err.code(), err.details()
+    return S.OK, ""
+
+
+def test_adapter_files_broken_after_registration(server, reference):
+    weights = server.work / "adapters" / "fragile" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    with server.client() as c:
+        expected = reference.generate("r4-qv", "Hello world", 8)
+        assert list(c.generate("Hello world", "fragile", max_new_tokens=8).token_ids) == expected
+        c.generate("Hello", "steady", max_new_tokens=2)
+        c.generate("Hello", "oom-once", max_new_tokens=2)  # push "fragile" out of both slots
+        weights.write_bytes(good[: len(good) // 3])  # corrupted in place
+        code, details = status_of(c.generate, "Hello world", "fragile", max_new_tokens=8)
+        assert code == S.FAILED_PRECONDITION and "fragile" in details and "register" in details
+        assert c.generate("Hello", "steady", max_new_tokens=4).generated_tokens >= 1  # others untouched
+        weights.unlink()  # deleted
+        code, details = status_of(c.generate, "Hello world", "fragile", max_new_tokens=8)
+        assert code == S.FAILED_PRECONDITION and "missing" in details
+        weights.write_bytes(good)  # repaired: served again without re-registering
+        assert list(c.generate("Hello world", "fragile", max_new_tokens=8).token_ids) == expected
+
+
+def test_failing_step_fails_only_its_requests(server, reference):
+    with server.client() as c:
+        results = {}
+
+        def run(name, prompt):
+            results[name] = status_of(c.generate, prompt, "steady", max_new_tokens=40)
+
+        long = threading.Thread(target=run, args=("long", "Once upon a time"))
+        long.start()
+        time.sleep(0.3)  # "long" is decoding when the faulty prefill runs
+        code, details = status_of(c.generate, "a BOOM here", "steady", max_new_tokens=4)
+        long.join()
+        assert code == S.INTERNAL and "injected fault" in details and "Traceback" not in details
+        assert results["long"][0] == S.OK
+        answer = c.generate("Hello world", "steady", max_new_tokens=8)
+        assert list(answer.token_ids) == reference.generate("r16-all", "Hello world", 8)
+
+
+def test_out_of_memory_on_load(server, reference):
+    with server.client() as c:
+        answer = c.generate("Hello world", "oom-once", max_new_tokens=8)  # first try OOMs, retry works
+        assert list(answer.token_ids) == reference.generate("r8-rs", "Hello world", 8)
+        code, details = status_of(c.generate, "Hello world", "oom-always", max_new_tokens=8)
+        assert code == S.RESOURCE_EXHAUSTED and "out of memory" in details
+        assert c.generate("Hello", "steady", max_new_tokens=4).generated_tokens >= 1
+
+
+def test_unregister_with_requests_in_flight(server, reference):
+    with server.client() as c:
+        expected = reference.generate("r64-mlp", "Once upon a time", 60)
+        stream = c.stream("Once upon a time", "leaving", max_new_tokens=60)
+        first = next(stream)
+        c.unregister("leaving")
+        tokens = list(first.token_ids) + [t for m in stream for t in m.token_ids]
+        assert tokens == expected  # the running request finished on the adapter it started with
+        assert status_of(c.generate, "Hi", "leaving")[0] == S.NOT_FOUND
+        assert server.metrics()["loramux_adapters_active"] <= 2
+
+
+def test_rpc_registrations_survive_restart(tmp_path, adapter_store):
+    args = ("--adapter-dir", str(tmp_path / "adapters"), "--allow-adapter-root", str(adapter_store["r4-qv"].parent))
+    srv = ServerProcess(tmp_path, *args)
+    with srv.client() as c:
+        c.register("kept", str(adapter_store["r4-qv"]))
+        c.register("dropped", str(adapter_store["r8-rs"]))
+        c.unregister("dropped")
+        before = c.generate("Hello", "kept", max_new_tokens=8).token_ids
+    assert srv.stop() == 0
+    assert (tmp_path / "adapters" / ".loramux-registry.json").exists()
+    srv = ServerProcess(tmp_path, *args)
+    try:
+        with srv.client() as c:
+            assert [(a.adapter_id, a.source) for a in c.list()] == [("kept", "rpc")]
+            assert c.generate("Hello", "kept", max_new_tokens=8).token_ids == before
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains(tmp_path):
+    srv = ServerProcess(tmp_path, "--adapter-dir", str(tmp_path / "adapters"), "--drain-timeout", "60")
+    with srv.client() as c:
+        stream = c.stream("Once upon a time", max_new_tokens=200)
+        first = next(stream)
+        srv.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 10
+        while srv.health() != 2 and time.monotonic() < end:  # 2: NOT_SERVING
+            time.sleep(0.05)
+        assert srv.health() == 2
+        code, details = status_of(c.generate, "Hello", max_new_tokens=4)
+        assert code == S.UNAVAILABLE and "shutting down" in details
+        rest = list(stream)
+        assert rest[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) >= 1
+    srv.proc.wait(60)
+    assert srv.stop() == 0
