@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import pytest
+
 from loramux.engine.request import Params, Request
 from loramux.engine.scheduler import Scheduler
 
@@ -20,21 +22,35 @@ def req(loop, adapter_id: str, name: str) -> Request:
     return Request(adapter_id, [1], Params(max_new_tokens=1), name, None, loop)
 
 
-def test_round_robin_oldest_first(loop):
+def names(reqs) -> list[str]:
+    return [r.request_id for r in reqs]
+
+
+def test_fewest_running_first_then_oldest(loop):
     s = Scheduler(max_queue=100)
     for name in ["a1", "a2", "a3", "a4"]:
         s.add(req(loop, "A", name))  # a flood on A arrives first
     s.add(req(loop, "B", "b1"))
     s.add(req(loop, "", "base1"))
     table = [
-        # (free rows, running adapters, slots) -> names admitted
-        ((2, set(), 4), ["a1", "b1"]),
-        ((2, {"A", "B"}, 4), ["a2", "base1"]),  # a2 (older) before base1
-        ((5, {"A"}, 4), ["a3", "a4"]),
+        # (free rows, rows running per adapter, slots) -> admitted, in order
+        ((2, Counter(), 4), ["a1", "b1"]),  # equal shares (0): oldest first
+        ((1, Counter(A=1, B=1)), ["base1"]),  # base has no row yet: its turn before A's older a2
+        ((1, Counter(A=1, B=1, **{"": 1})), ["a2"]),
+        ((5, Counter(A=2)), ["a3", "a4"]),
     ]
-    for (free, running, slots), expected in table:
-        assert [r.request_id for r in s.pick(free, running, slots)] == expected
+    for (free, running, *slots), expected in table:
+        assert names(s.pick(free, running, slots[0] if slots else 4)) == expected
     assert len(s) == 0
+
+
+def test_one_free_row_at_a_time_is_shared(loop):
+    s = Scheduler(max_queue=100)
+    for i in range(6):
+        s.add(req(loop, "hot", f"h{i}"))
+    s.add(req(loop, "cold", "c0"))
+    running = Counter(hot=7)  # the hot adapter fills the batch; one row frees per step
+    assert names(s.pick(1, running, 4)) == ["c0"]  # not the older h0: the cold adapter has no row
 
 
 def test_distinct_adapters_bounded_by_slots(loop):
@@ -42,10 +58,9 @@ def test_distinct_adapters_bounded_by_slots(loop):
     for a in "ABCD":
         s.add(req(loop, a, a.lower()))
     s.add(req(loop, "", "base"))
-    picked = s.pick(10, {"X"}, 2)  # X running holds one of two slots
-    assert [r.request_id for r in picked] == ["a", "base"]
-    assert [r.request_id for r in s.pick(10, set(), 2)] == ["b", "c"]
-    assert [r.request_id for r in s.pick(10, set(), 2)] == ["d"]
+    assert names(s.pick(10, Counter(X=1), 2)) == ["a", "base"]  # X running holds one of two slots
+    assert names(s.pick(10, Counter(), 2)) == ["b", "c"]
+    assert names(s.pick(10, Counter(), 2)) == ["d"]
 
 
 def test_full_and_remove_where(loop):
@@ -55,4 +70,4 @@ def test_full_and_remove_where(loop):
     s.add(req(loop, "B", "y"))
     assert s.full()
     gone = s.remove_where(lambda r: r.adapter_id == "A")
-    assert [r.request_id for r in gone] == ["x"] and len(s) == 1 and not s.full()
+    assert names(gone) == ["x"] and len(s) == 1 and not s.full()

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +191,7 @@ class Engine:
         with self._lock:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
             free = self.max_batch_size - len(self.rows)
-            running = {r.req.adapter_id for r in self.rows}
+            running = Counter(r.req.adapter_id for r in self.rows)
             picked = self.scheduler.pick(free, running, self.slots.num_slots) if free > 0 else []
             self.metrics.queue_depth.set(len(self.scheduler))
         for req in gone:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 from loramux.engine.request import Request
@@ -11,14 +11,15 @@ from loramux.engine.request import Request
 class Scheduler:
     """Owns the waiting requests, one FIFO per adapter.
 
-    `pick` fills free rows round-robin over adapters ordered by their oldest waiting
-    request: the oldest request goes first, and a flood on one adapter cannot hold the
-    others back by more than one row each per round.
+    `pick` fills free rows one at a time from the adapter with the fewest rows in the batch,
+    oldest waiting request first among equals. Rows free up one or two per step, so plain
+    oldest-first would hand each free row to the adapter that flooded the queue first;
+    counting rows already running gives every waiting adapter its turn within a step or two.
     """
 
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
-        self._queues: OrderedDict[str, deque[Request]] = OrderedDict()
+        self._queues: dict[str, deque[Request]] = {}
         self._count = 0
 
     def __len__(self) -> int:
@@ -42,27 +43,24 @@ class Scheduler:
         self._count -= len(removed)
         return removed
 
-    def pick(self, free_rows: int, running_adapters: set[str], max_adapters: int) -> list[Request]:
-        """Choose up to `free_rows` requests; distinct adapters in the batch (running ones
-        included) stay within `max_adapters`, the number of device slots. The bare base,
-        "", needs no slot."""
+    def pick(self, free_rows: int, running: Counter[str], max_adapters: int) -> list[Request]:
+        """Choose up to `free_rows` requests. `running` counts the batch's rows per adapter;
+        distinct adapters in the batch stay within `max_adapters` (the device slots). The
+        bare base, "", needs no slot."""
+        rows = Counter(running)
+        in_batch = {a for a, n in rows.items() if a and n > 0}
         picked: list[Request] = []
-        batch = {a for a in running_adapters if a}
         while len(picked) < free_rows:
-            progressed = False
-            for adapter_id in sorted(self._queues, key=lambda a: self._queues[a][0].seq):
-                if len(picked) >= free_rows:
-                    break
-                if adapter_id and adapter_id not in batch:
-                    if len(batch) >= max_adapters:
-                        continue
-                    batch.add(adapter_id)
-                queue = self._queues[adapter_id]
-                picked.append(queue.popleft())
-                self._set(adapter_id, queue)
-                progressed = True
-            if not progressed:
+            ready = [a for a in self._queues if not a or a in in_batch or len(in_batch) < max_adapters]
+            if not ready:
                 break
+            adapter_id = min(ready, key=lambda a: (rows[a], self._queues[a][0].seq))
+            queue = self._queues[adapter_id]
+            picked.append(queue.popleft())
+            self._set(adapter_id, queue)
+            rows[adapter_id] += 1
+            if adapter_id:
+                in_batch.add(adapter_id)
         self._count -= len(picked)
         return picked
 

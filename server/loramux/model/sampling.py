@@ -38,7 +38,7 @@ def sample(logits: torch.Tensor, rows: list[Sampling], gens: list[torch.Generato
 
 
 def _sample_row(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
-    logits = logits / s.temperature
+    logits = (logits / s.temperature).nan_to_num(posinf=torch.finfo(logits.dtype).max)
     if 0 < s.top_k < logits.numel():
         kth = torch.topk(logits, s.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -49,4 +49,6 @@ def _sample_row(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) 
         drop = (sorted_p.cumsum(0) - sorted_p) >= s.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    if not torch.isfinite(probs).all() or probs.sum() <= 0:
+        return int(logits.argmax())  # a temperature so small it overflowed: that is greedy
     return int(torch.multinomial(probs, 1, generator=gen).item())
