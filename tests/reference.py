@@ -11,9 +11,10 @@ class PeftReference:
     """Owns a PEFT model with every test adapter loaded; answers one request at a time."""
 
     def __init__(self, base_path: Path, adapters: dict[str, Path], quantization: str = "nf4") -> None:
-        from loramux.model.loader import honour_compute_dtype, quantization_config
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from loramux.model.loader import honour_compute_dtype, quantization_config
 
         dtype = torch.float32
         base = AutoModelForCausalLM.from_pretrained(

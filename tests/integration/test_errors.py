@@ -9,8 +9,8 @@ import time
 
 import grpc
 import pytest
-from loramux.pb.loramux.v1 import loramux_pb2 as pb
 
+from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from tests.server import ServerProcess
 
 S = grpc.StatusCode

@@ -59,7 +59,8 @@ requests = st.builds(
 @given(req=requests)
 def test_random_generate_requests(server, req):
     with grpc.insecure_channel(server.address) as ch:
-        call = ch.unary_unary("/loramux.v1.Generation/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
+        call = ch.unary_unary("/loramux.v1.Generation/Generate",
+                              request_serializer=pb.GenerateRequest.SerializeToString,
                               response_deserializer=pb.GenerateResponse.FromString)
         assert status(call, req, timeout=60) in GENERATE_STATUSES
 

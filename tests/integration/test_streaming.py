@@ -7,8 +7,8 @@ import time
 
 import grpc
 import pytest
-from loramux.pb.loramux.v1 import loramux_pb2 as pb
 
+from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from tests.server import ServerProcess
 
 PROMPTS = ["Hello world", "The quick brown fox", "a", "Tell me a story about", "1 2 3 4",

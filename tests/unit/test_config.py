@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from loramux.cli import build_parser
 from loramux.config import ServerConfig
 

@@ -7,9 +7,10 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from loramux.errors import InvalidArgument
 from loramux.lora import files
-from safetensors.torch import save_file
 
 
 def write_header(path, header: dict, data: bytes = b"") -> None:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch import nn
+
 from loramux.errors import NotFound
 from loramux.lora.layers import attach_stacked_lora
 from loramux.lora.slots import AdapterSlots, SlotsFull
 from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
-from safetensors.torch import save_file
-from torch import nn
 
 IN, OUT = 8, 6
 

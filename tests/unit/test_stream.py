@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from loramux.engine.stream import TextStream
 from loramux.model.tiny import build_tokenizer
 
