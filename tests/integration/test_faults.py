@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 
+from loramux.client import Client
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from tests.server import ServerProcess
 
@@ -134,3 +135,20 @@ def test_sigterm_drains(tmp_path):
         assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) >= 1
     srv.proc.wait(60)
     assert srv.stop() == 0
+
+
+def test_expired_requests_never_reach_the_device(server):
+    with server.client() as c:
+        busy = [c.stream("Once upon a time", "steady", max_new_tokens=120) for _ in range(4)]  # all 4 rows
+        for s in busy:
+            next(s)
+        admitted_before = server.metrics()["loramux_queue_wait_seconds_count"]
+        with Client(server.address, timeout=0.3) as hurried:
+            codes = [status_of(hurried.generate, "Hello", "steady", max_new_tokens=4)[0] for _ in range(3)]
+        assert codes == [S.DEADLINE_EXCEEDED] * 3
+        for s in busy:
+            s.cancel()
+        time.sleep(1.0)
+        # Admission (and so the device) never saw them: only the 4 busy rows were admitted meanwhile.
+        assert server.metrics()["loramux_queue_wait_seconds_count"] == admitted_before
+        assert server.metrics()["loramux_queue_depth"] == 0
