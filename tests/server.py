@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loramux.client import Client
+from loramux.client import Client, Retry
 
 
 class ServerProcess:
@@ -46,8 +46,9 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def client(self, timeout: float = 120) -> Client:
-        return Client(self.address, timeout=timeout)
+    def client(self, timeout: float = 120, retry: Retry | None = None) -> Client:
+        """Retries off unless asked: tests look at the first answer."""
+        return Client(self.address, timeout=timeout, retry=retry or Retry(attempts=1))
 
     def health(self, service: str = "") -> int:
         with grpc.insecure_channel(self.address) as ch:

@@ -75,7 +75,9 @@ class App:
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
         pb_grpc.add_GenerationServicer_to_server(GenerationServicer(
             self.engine, self.cfg.default_max_new_tokens, self.cfg.max_new_tokens_limit), self.server)
-        pb_grpc.add_AdapterRegistryServicer_to_server(AdapterRegistryServicer(self.engine), self.server)
+        registry = AdapterRegistryServicer(self.engine, self.cfg.adapter_dir.resolve(),
+                                           self.cfg.max_adapter_bytes + (64 << 10), self.watcher.adopt)
+        pb_grpc.add_AdapterRegistryServicer_to_server(registry, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)

@@ -90,6 +90,9 @@ def _client_parsers(sub) -> None:
     r.add_argument("path")
     u = asub.add_parser("unregister")
     u.add_argument("adapter_id")
+    up = asub.add_parser("upload", help="send a local adapter folder to the server (stored and registered)")
+    up.add_argument("folder", type=Path)
+    up.add_argument("--id", dest="adapter_id", default=None, help="adapter id (default: the folder name)")
 
     h = sub.add_parser("health", help="exit 0 if the server's gRPC health check says SERVING")
     _add(h, "--address", str, DEFAULT_ADDRESS, "server address")
@@ -160,6 +163,9 @@ def _adapters(args) -> int:
         if args.action == "register":
             info = client.register(args.adapter_id, str(Path(args.path).resolve()))
             print(f"registered {info.adapter_id}: rank {info.rank}, {info.size_bytes} bytes")
+        elif args.action == "upload":
+            info = client.upload(args.folder, args.adapter_id)
+            print(f"uploaded and registered {info.adapter_id}: rank {info.rank}, {info.size_bytes} bytes")
         elif args.action == "unregister":
             print(f"unregistered {client.unregister(args.adapter_id).adapter_id}")
         else:

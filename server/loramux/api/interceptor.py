@@ -71,7 +71,7 @@ def _tolerant(deserializer):
     return parse
 
 
-def _check_parsed(request) -> None:
+def check_parsed(request) -> None:
     if isinstance(request, _Unparsable):
         raise InvalidArgument(
             f"request could not be parsed ({type(request.error).__name__}); string fields must be valid UTF-8"
@@ -89,7 +89,7 @@ async def _abort(context, exc: BaseException, method: str, count) -> None:
 def _wrap_unary(behavior, method, count):
     async def wrapper(request, context):
         try:
-            _check_parsed(request)
+            check_parsed(request)
             response = await behavior(request, context)
         except asyncio.CancelledError:
             count("CANCELLED")
@@ -107,7 +107,7 @@ def _wrap_unary(behavior, method, count):
 def _wrap_stream(behavior, method, count):
     async def wrapper(request, context):
         try:
-            _check_parsed(request)
+            check_parsed(request)
             async for response in behavior(request, context):
                 yield response
         except asyncio.CancelledError:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from loramux.api.convert import FINISH, adapter_info, params_from_pb, stream_from_event
+from loramux.api.interceptor import check_parsed
 from loramux.engine.engine import Engine
 from loramux.engine.request import Event, Request
+from loramux.engine.uploads import Upload
 from loramux.errors import InvalidArgument
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from loramux.pb.loramux.v1 import loramux_pb2_grpc as pb_grpc
@@ -59,8 +62,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 class AdapterRegistryServicer(pb_grpc.AdapterRegistryServicer):
     """Register, unregister and list adapters; file checks run off the event loop."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, adapter_dir: Path, max_upload_bytes: int, adopt) -> None:
         self.engine = engine
+        self.adapter_dir = adapter_dir
+        self.max_upload_bytes = max_upload_bytes
+        self.adopt = adopt  # registers a folder placed in adapter_dir (AdapterDirWatcher.adopt)
 
     async def RegisterAdapter(self, request, context):
         if not request.adapter_id or not request.path:
@@ -71,6 +77,30 @@ class AdapterRegistryServicer(pb_grpc.AdapterRegistryServicer):
     async def UnregisterAdapter(self, request, context):
         record = await asyncio.to_thread(self.engine.unregister, request.adapter_id)
         return pb.UnregisterAdapterResponse(adapter_id=record.adapter_id)
+
+    async def UploadAdapter(self, request_iterator, context):
+        upload = None
+        try:
+            async for message in request_iterator:
+                check_parsed(message)
+                if upload is None:
+                    if message.WhichOneof("part") != "header":
+                        raise InvalidArgument("the first message of an upload must be its header")
+                    h = message.header
+                    upload = await asyncio.to_thread(Upload, self.adapter_dir, h.adapter_id, h.total_bytes,
+                                                     h.sha256, self.max_upload_bytes)
+                elif message.WhichOneof("part") == "chunk":
+                    await asyncio.to_thread(upload.write, message.chunk.file_name, message.chunk.data)
+                else:
+                    raise InvalidArgument("only chunks may follow the header")
+            if upload is None:
+                raise InvalidArgument("empty upload: send a header and chunks")
+            record = await asyncio.to_thread(upload.finish, self.adopt)
+        except BaseException:
+            if upload is not None:
+                await asyncio.to_thread(upload.abort)
+            raise
+        return adapter_info(record)
 
     async def ListAdapters(self, request, context):
         return pb.ListAdaptersResponse(adapters=[adapter_info(r) for r in self.engine.store.list()])

@@ -34,6 +34,7 @@ class AdapterDirWatcher:
         self.interval = interval
         self._seen: dict[str, tuple] = {}  # folder name -> signature at the last attempt
         self._owned: set[str] = set()
+        self._scan_lock = threading.Lock()  # scans and adoptions never interleave
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loramux-adapter-dir", daemon=True)
 
@@ -53,6 +54,10 @@ class AdapterDirWatcher:
                 log.exception("adapter folder scan failed")
 
     def scan(self) -> None:
+        with self._scan_lock:
+            self._scan()
+
+    def _scan(self) -> None:
         present = {p.name: p for p in self._candidates()}
         for name in sorted(self._owned - present.keys()):
             self._owned.discard(name)
@@ -67,6 +72,17 @@ class AdapterDirWatcher:
                 self._owned.discard(name)
                 self._unregister(name)
             self._register(name, path)
+
+    def adopt(self, name: str):
+        """Register a folder just placed in --adapter-dir (an upload) now, as the watcher's own.
+
+        Raises what registration raises; the caller removes the folder then."""
+        with self._scan_lock:
+            path = self.folder / name
+            record = self.engine.register(name, path, source="dir")
+            self._owned.add(name)
+            self._seen[name] = _signature(path)
+            return record
 
     def _candidates(self) -> list[Path]:
         if not self.folder.is_dir():

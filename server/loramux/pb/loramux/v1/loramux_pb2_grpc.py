@@ -170,6 +170,11 @@ class AdapterRegistryStub:
                 request_serializer=loramux_dot_v1_dot_loramux__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=loramux_dot_v1_dot_loramux__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.UploadAdapter = channel.stream_unary(
+                '/loramux.v1.AdapterRegistry/UploadAdapter',
+                request_serializer=loramux_dot_v1_dot_loramux__pb2.UploadAdapterRequest.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_loramux__pb2.AdapterInfo.FromString,
+                _registered_method=True)
 
 
 class AdapterRegistryServicer:
@@ -194,6 +199,15 @@ class AdapterRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadAdapter(self, request_iterator, context):
+        """Send an adapter folder's files in chunks: a header first, then chunks. The server
+        checks the size limit and the SHA-256, validates the adapter, stores it under
+        --adapter-dir/<adapter_id> and registers it (source "dir").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +225,11 @@ def add_AdapterRegistryServicer_to_server(servicer, server):
                     servicer.ListAdapters,
                     request_deserializer=loramux_dot_v1_dot_loramux__pb2.ListAdaptersRequest.FromString,
                     response_serializer=loramux_dot_v1_dot_loramux__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'UploadAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadAdapter,
+                    request_deserializer=loramux_dot_v1_dot_loramux__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=loramux_dot_v1_dot_loramux__pb2.AdapterInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -295,6 +314,33 @@ class AdapterRegistry:
             '/loramux.v1.AdapterRegistry/ListAdapters',
             loramux_dot_v1_dot_loramux__pb2.ListAdaptersRequest.SerializeToString,
             loramux_dot_v1_dot_loramux__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/loramux.v1.AdapterRegistry/UploadAdapter',
+            loramux_dot_v1_dot_loramux__pb2.UploadAdapterRequest.SerializeToString,
+            loramux_dot_v1_dot_loramux__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,
