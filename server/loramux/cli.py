@@ -31,6 +31,8 @@ def _add(p: argparse.ArgumentParser, flag: str, kind, default, help: str) -> Non
     env = "LORAMUX_" + flag.lstrip("-").replace("-", "_").upper()
     if kind is list:
         p.add_argument(flag, action="append", default=value, help=f"{help} [{env}, {os.pathsep}-separated]")
+    elif kind is bool:
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"{help} [{env}]")
     else:
         p.add_argument(flag, type=kind, default=value, help=f"{help} (default: {default}) [{env}]")
 
@@ -61,6 +63,7 @@ def _serve_parser(sub) -> None:
     _add(p, "--tls-cert", Path, None, "PEM certificate chain: serve TLS (with --tls-key)")
     _add(p, "--tls-key", Path, None, "PEM private key for --tls-cert")
     _add(p, "--max-message-bytes", int, 4 << 20, "largest gRPC message received or sent")
+    _add(p, "--log-requests", bool, False, "log one JSON line per request (id, adapter, tokens, timings, status)")
     _add(p, "--ready-file", Path, None, "write {port, metrics_port} as JSON here once serving")
     _add(p, "--log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR")
 
@@ -117,6 +120,11 @@ def _serve(args) -> int:
     from loramux.config import ServerConfig
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    requests_log = logging.getLogger("loramux.requests")  # JSON lines, nothing around them
+    json_lines = logging.StreamHandler()
+    json_lines.setFormatter(logging.Formatter("%(message)s"))
+    requests_log.addHandler(json_lines)
+    requests_log.propagate = False
     try:
         cfg = ServerConfig(
             host=args.host, port=args.port, metrics_port=args.metrics_port, model=args.model,
@@ -129,7 +137,7 @@ def _serve(args) -> int:
             default_max_new_tokens=args.default_max_new_tokens, max_model_len=args.max_model_len,
             adapter_scan_interval=args.adapter_scan_interval, drain_timeout=args.drain_timeout,
             ready_file=args.ready_file, admin_token=args.admin_token, tls_cert=args.tls_cert,
-            tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
+            tls_key=args.tls_key, max_message_bytes=args.max_message_bytes, log_requests=args.log_requests,
         )
     except ValueError as exc:
         print(f"loramux serve: {exc}", file=sys.stderr)

@@ -37,6 +37,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_message_bytes: int = 4 << 20  # gRPC receive/send limit
+    log_requests: bool = False  # one JSON line per request on the loramux.requests logger
     ready_file: Path | None = None
 
     def __post_init__(self) -> None:

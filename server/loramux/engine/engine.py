@@ -8,6 +8,7 @@ the gRPC event loop through each request's queue (`Request.emit`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ from loramux.model.runner import Batch, Runner, merge, select
 from loramux.model.sampling import Sampling, make_generator, sample
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("loramux.requests")
 
 
 @dataclass
@@ -54,7 +56,8 @@ class Engine:
 
     def __init__(self, runner: Runner, store: AdapterStore, slots: AdapterSlots, metrics,
                  max_batch_size: int, max_queue: int, max_model_len: int | None,
-                 registry_path: Path | None = None) -> None:
+                 registry_path: Path | None = None, log_requests: bool = False) -> None:
+        self.log_requests = log_requests
         self.registry_path = registry_path  # where RPC registrations persist across restarts
         self.runner = runner
         self.store = store
@@ -255,7 +258,7 @@ class Engine:
             req.emit(Event(text=text, token_ids=(token,), finish=finish))
             if finish is not None:
                 finished.append(i)
-                self._finished(row, now)
+                self._finished(row, now, finish)
         if finished:
             self._remove(finished)
 
@@ -269,8 +272,10 @@ class Engine:
             return Finish.LENGTH
         return None
 
-    def _finished(self, row: Row, now: float) -> None:
+    def _finished(self, row: Row, now: float, finish: Finish) -> None:
         req = row.req
+        if self.log_requests:
+            self._log_request(req, "OK", finish)
         n = len(req.generated)
         self.metrics.generated_tokens.inc(n)
         self.metrics.request_duration.observe(now - req.arrived)
@@ -305,7 +310,24 @@ class Engine:
         if row.req.adapter_id:
             self.slots.release(row.req.adapter_id)
 
-    @staticmethod
-    def _fail(req: Request, error: Exception | None) -> None:
+    def _fail(self, req: Request, error: Exception | None) -> None:
         """End a request with an error (None: it was cancelled, nobody is listening)."""
         req.emit(Event(error=error or Internal("cancelled")))
+        if self.log_requests:
+            code = getattr(error, "code", "INTERNAL") if error is not None else "CANCELLED"
+            self._log_request(req, code, None)
+
+    def _log_request(self, req: Request, status: str, finish: Finish | None) -> None:
+        """One JSON line per request (--log-requests): who, how much, how long, how it ended."""
+        now = time.monotonic()
+
+        def since(t: float | None) -> float | None:
+            return None if t is None else round(t - req.arrived, 6)
+
+        request_log.info(json.dumps({
+            "event": "request", "request_id": req.request_id, "adapter_id": req.adapter_id,
+            "status": status, "finish": finish.name if finish else None,
+            "prompt_tokens": len(req.prompt_ids), "generated_tokens": len(req.generated),
+            "queue_wait_s": since(req.admitted), "ttft_s": since(req.first_token),
+            "duration_s": round(now - req.arrived, 6),
+        }))

@@ -62,8 +62,11 @@ def _file_info(path: Path, examples: list[Example]) -> dict:
             "formats": dict(Counter(e.kind for e in examples))}
 
 
-def prepare_out(cfg: TrainConfig) -> Path | None:
-    """Check --out against --resume/--overwrite; return the checkpoint to resume from, if any."""
+def prepare_out(cfg: TrainConfig, main: bool = True) -> Path | None:
+    """Check --out against --resume/--overwrite; return the checkpoint to resume from, if any.
+
+    Only the main process (`main`) deletes a run that --overwrite replaces.
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
     if cfg.resume:
@@ -81,8 +84,10 @@ def prepare_out(cfg: TrainConfig) -> Path | None:
     if present and not cfg.overwrite:
         raise ValueError(f"{cfg.out} already holds a run ({', '.join(p.name for p in present)}); "
                          "pass --resume to continue it or --overwrite to start over")
-    for p in present:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if main:
+        for p in present:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    cfg.out.mkdir(parents=True, exist_ok=True)
     return None
 
 
@@ -187,6 +192,71 @@ def _versions() -> dict:
             "bitsandbytes": bitsandbytes.__version__}
 
 
+def encode_datasets(cfg: TrainConfig, datasets: Datasets, tokenizer) -> tuple[list[dict], list[dict], dict]:
+    """Token ids and labels of the train and eval examples, and the train encoding stats."""
+    from loramux.trainer.encode import encode_all
+
+    train_rows, stats = encode_all(datasets.train, tokenizer, cfg.max_seq_len, cfg.train_on_all_tokens, str(cfg.data))
+    eval_rows = []
+    if datasets.eval:
+        eval_rows, _ = encode_all(datasets.eval, tokenizer, cfg.max_seq_len, cfg.train_on_all_tokens,
+                                  str(cfg.eval_data or cfg.data))
+    if stats.truncated or stats.dropped:
+        log.warning("%d examples truncated to --max-seq-len %d; %d dropped with no trained token left",
+                    stats.truncated, cfg.max_seq_len, stats.dropped)
+    return train_rows, eval_rows, asdict(stats)
+
+
+def build_trainer(cfg: TrainConfig, where, model, tokenizer, train_rows: list[dict], eval_rows: list[dict]):
+    from transformers import Trainer
+
+    from loramux.trainer.encode import PadCollator
+
+    return Trainer(model=model, args=training_arguments(cfg, where, bool(eval_rows)),
+                   train_dataset=train_rows, eval_dataset=eval_rows or None,
+                   data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[_final_log_callback()])
+
+
+def initial_eval_loss(trainer, model) -> float:
+    with model.disable_adapter():  # the base alone: what a fresh LoRA (B = 0) starts from
+        loss = trainer.evaluate()["eval_loss"]
+    log.info("initial eval loss %.4f", loss)
+    return loss
+
+
+def final_eval_loss(trainer) -> float:
+    """The last evaluation's loss if it ran at the last step; else evaluate now."""
+    evals = eval_history(trainer.state.log_history)
+    done = evals and evals[-1]["step"] == trainer.state.global_step
+    loss = evals[-1]["eval_loss"] if done else trainer.evaluate()["eval_loss"]
+    log.info("final eval loss %.4f", loss)
+    return loss
+
+
+def training_card(cfg: TrainConfig, where, datasets: Datasets, encoding: dict, trainer, result,
+                  losses: tuple[float | None, float | None], checkpoint: Path | None, start: float) -> dict:
+    history = trainer.state.log_history
+    return {
+        "adapter_id": cfg.registered_id,
+        "base_model": cfg.model or "embedded default model (tiny)",
+        "base_model_path": where.path,
+        "quantization": cfg.quantization,
+        "compute_dtype": str(where.dtype).removeprefix("torch."),
+        "device": str(where.device), "world_size": trainer.args.world_size,
+        **datasets.info,
+        "encoding": encoding,
+        "hyperparameters": cfg.hyperparameters(),
+        "initial_eval_loss": losses[0], "final_eval_loss": losses[1],
+        "final_train_loss": last_train_loss(history), "mean_train_loss": result.training_loss,
+        "eval_history": eval_history(history),
+        "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "wall_time_s": round(time.monotonic() - start, 2),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train an adapter into cfg.out and return its training card.
 
@@ -196,69 +266,32 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     datasets = read_datasets(cfg)  # before any heavy import: bad data fails in a second
 
-    from transformers import Trainer, set_seed
+    from accelerate import PartialState
+    from transformers import set_seed
 
-    from loramux.trainer.encode import PadCollator, encode_all
     from loramux.trainer.model import load_for_training, load_tokenizer, placement
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = prepare_out(cfg)
     where = placement(cfg)
     tokenizer = load_tokenizer(where.path)
-    train_rows, stats = encode_all(datasets.train, tokenizer, cfg.max_seq_len, cfg.train_on_all_tokens, str(cfg.data))
-    eval_rows = []
-    if datasets.eval:
-        eval_rows, _ = encode_all(datasets.eval, tokenizer, cfg.max_seq_len, cfg.train_on_all_tokens,
-                                  str(cfg.eval_data or cfg.data))
-    if stats.truncated or stats.dropped:
-        log.warning("%d examples truncated to --max-seq-len %d; %d dropped with no trained token left",
-                    stats.truncated, cfg.max_seq_len, stats.dropped)
-    data_sha = datasets.info["data"]["sha256"]
+    train_rows, eval_rows, encoding = encode_datasets(cfg, datasets, tokenizer)
+    state = PartialState()
+    main = state.is_main_process
+    checkpoint = prepare_out(cfg, main)
+    state.wait_for_everyone()  # other ranks must not race the main one deleting an --overwrite'd run
     if checkpoint:
-        check_resume(cfg, checkpoint, data_sha)
-
+        check_resume(cfg, checkpoint, datasets.info["data"]["sha256"])
+    elif main:
+        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cfg.checkpoint_dir / RUN_FILE, {"hyperparameters": cfg.hyperparameters(),
+                                                   "data_sha256": datasets.info["data"]["sha256"]})
     set_seed(cfg.seed)  # the LoRA initialisation too
     model = load_for_training(cfg, where)
-    trainer = Trainer(model=model, args=training_arguments(cfg, where, bool(eval_rows)),
-                      train_dataset=train_rows, eval_dataset=eval_rows or None,
-                      data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[_final_log_callback()])
-    main = trainer.is_world_process_zero()
-    if main and not checkpoint:
-        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        write_json(cfg.checkpoint_dir / RUN_FILE, {"hyperparameters": cfg.hyperparameters(), "data_sha256": data_sha})
-    initial = None
-    if eval_rows:
-        with model.disable_adapter():  # the base alone: what a fresh LoRA (B = 0) starts from
-            initial = trainer.evaluate()["eval_loss"]
-        log.info("initial eval loss %.4f", initial)
+    trainer = build_trainer(cfg, where, model, tokenizer, train_rows, eval_rows)
+    initial = initial_eval_loss(trainer, model) if eval_rows else None
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    history = trainer.state.log_history
-    final = None
-    if eval_rows:
-        evals = eval_history(history)
-        done = evals and evals[-1]["step"] == trainer.state.global_step
-        final = evals[-1]["eval_loss"] if done else trainer.evaluate()["eval_loss"]
-        log.info("final eval loss %.4f", final)
+    final = final_eval_loss(trainer) if eval_rows else None
     trainer.accelerator.wait_for_everyone()
-    card = {
-        "adapter_id": cfg.registered_id,
-        "base_model": cfg.model or "embedded default model (tiny)",
-        "base_model_path": where.path,
-        "quantization": cfg.quantization,
-        "compute_dtype": str(where.dtype).removeprefix("torch."),
-        "device": str(where.device), "world_size": trainer.args.world_size,
-        **datasets.info,
-        "encoding": asdict(stats),
-        "hyperparameters": cfg.hyperparameters(),
-        "initial_eval_loss": initial, "final_eval_loss": final,
-        "final_train_loss": last_train_loss(history), "mean_train_loss": result.training_loss,
-        "eval_history": eval_history(trainer.state.log_history),
-        "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "wall_time_s": round(time.monotonic() - start, 2),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-    }
+    card = training_card(cfg, where, datasets, encoding, trainer, result, (initial, final), checkpoint, start)
     if main:
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), cfg.out)
         write_json(cfg.out / CARD_FILE, card)
