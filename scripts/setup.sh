@@ -13,6 +13,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q -c constraints.txt torch
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[train,dev]"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[train,dev,ray]"
   echo "$want" > "$stamp"
 fi

@@ -66,6 +66,7 @@ def _serve_parser(sub) -> None:
     _add(p, "--log-requests", bool, False, "log one JSON line per request (id, adapter, tokens, timings, status)")
     _add(p, "--ready-file", Path, None, "write {port, metrics_port} as JSON here once serving")
     _add(p, "--log-level", str, "INFO", "DEBUG | INFO | WARNING | ERROR")
+    _add(p, "--ray-replicas", int, 0, "serve on a local Ray Serve cluster with N engine replicas (HTTP on --port)")
 
 
 def _client_parsers(sub) -> None:
@@ -142,6 +143,10 @@ def _serve(args) -> int:
     except ValueError as exc:
         print(f"loramux serve: {exc}", file=sys.stderr)
         return 2
+    if args.ray_replicas > 0:
+        from loramux.ray_serve import run_local
+
+        return run_local(cfg, args.ray_replicas)
     return serve(cfg)
 
 

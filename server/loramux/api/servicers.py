@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from loramux.api.convert import FINISH, adapter_info, params_from_pb, stream_from_event
 from loramux.api.interceptor import check_parsed
 from loramux.engine.engine import Engine
-from loramux.engine.request import Event, Request
+from loramux.engine.request import Request
 from loramux.engine.uploads import Upload
 from loramux.errors import InvalidArgument
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
@@ -29,33 +28,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return self.engine.submit(request.adapter_id, request.prompt, params, request.request_id,
                                   context.time_remaining())
 
-    async def _events(self, req: Request) -> AsyncIterator[Event]:
-        try:
-            while True:
-                event = await req.events.get()
-                if event.error is not None:
-                    raise event.error
-                yield event
-                if event.finish is not None:
-                    return
-        finally:
-            if not req.done:
-                self.engine.cancel(req)  # client went away: free the row at the next step
-
     async def Generate(self, request, context):
         req = self._submit(request, context)
-        text, tokens, finish = [], [], None
-        async for event in self._events(req):
-            text.append(event.text)
-            tokens += event.token_ids
-            finish = event.finish
+        text, tokens, finish = await self.engine.complete(req)
         return pb.GenerateResponse(
-            text="".join(text), token_ids=tokens, finish_reason=FINISH[finish],
+            text=text, token_ids=tokens, finish_reason=FINISH[finish],
             prompt_tokens=len(req.prompt_ids), generated_tokens=len(tokens), adapter_id=request.adapter_id,
         )
 
     async def GenerateStream(self, request, context):
-        async for event in self._events(self._submit(request, context)):
+        async for event in self.engine.events(self._submit(request, context)):
             yield stream_from_event(event)
 
 

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,30 @@ class Engine:
     def cancel(self, req: Request) -> None:
         req.cancelled = True
         self._wake.set()
+
+    async def events(self, req: Request) -> AsyncIterator[Event]:
+        """A request's events until its finish; raises its error. Leaving early (the caller
+        went away) cancels the request, which frees its row at the next step."""
+        try:
+            while True:
+                event = await req.events.get()
+                if event.error is not None:
+                    raise event.error
+                yield event
+                if event.finish is not None:
+                    return
+        finally:
+            if not req.done:
+                self.cancel(req)
+
+    async def complete(self, req: Request) -> tuple[str, list[int], Finish | None]:
+        """Run a request to its end: (text, token ids, finish reason)."""
+        text, tokens, finish = [], [], None
+        async for event in self.events(req):
+            text.append(event.text)
+            tokens += event.token_ids
+            finish = event.finish
+        return "".join(text), tokens, finish
 
     def register(self, adapter_id: str, path: str | Path, source: str = "rpc") -> AdapterRecord:
         folder = self.store.resolve_path(str(path))
