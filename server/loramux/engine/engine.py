@@ -194,11 +194,13 @@ class Engine:
                 self._wake.clear()
 
     def step(self) -> bool:
-        """One decode step for running rows, then admission; False when there is no work."""
+        """Admission (prefill of new rows) first, then one decode step for every row; False
+        when there is no work. Prefill first: a new request's first token never waits
+        behind a decode step of the rows already running."""
         self._drop_gone_rows()
+        self._admit()
         if self.rows:
             self._decode()
-        self._admit()
         self.metrics.running.set(len(self.rows))
         return bool(self.rows) or len(self.scheduler) > 0 and len(self.rows) < self.max_batch_size
 
