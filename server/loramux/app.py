@@ -93,7 +93,8 @@ class App:
         if self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving gRPC on %s:%d, metrics on :%d", self.cfg.host, self.port, self.metrics_port)
+        metrics = f"metrics on :{self.metrics_port}" if self.cfg.metrics_port >= 0 else "metrics off"
+        log.info("serving gRPC on %s:%d, %s", self.cfg.host, self.port, metrics)
         if self.cfg.ready_file:
             self.cfg.ready_file.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port}))
 

@@ -55,7 +55,8 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, default=d.epochs, help=f"(default: {d.epochs:g})")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps; overrides --epochs")
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
-    g.add_argument("--lr-scheduler", choices=SCHEDULERS, default=d.lr_scheduler, help="(default: linear)")
+    g.add_argument("--lr-scheduler", choices=SCHEDULERS, default=d.lr_scheduler, metavar="NAME",
+                   help=f"transformers' schedule: {', '.join(SCHEDULERS)} (default: {d.lr_scheduler})")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"per device (default: {d.batch_size})")

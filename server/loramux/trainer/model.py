@@ -71,6 +71,8 @@ def load_for_training(cfg: TrainConfig, where: Placement):
     if cfg.quantization != "none":
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif cfg.gradient_checkpointing and hasattr(base, "activation_checkpointing_enable"):  # transformers 5
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
     elif cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     honour_compute_dtype(base, where.dtype)
