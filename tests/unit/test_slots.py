@@ -88,3 +88,20 @@ def test_unregistered_while_pinned_frees_slot_on_release(setup):
     assert "a" not in slots.resident()
     with pytest.raises(NotFound):
         slots.acquire("a")
+
+
+def test_stacked_and_gathered_ways_agree(setup, monkeypatch):
+    from loramux.lora import layers
+
+    model, ctx, slots, _ = setup
+    x = torch.randn(4, 3, IN)
+    row_slots = [slots.acquire("a"), -1, slots.acquire("b"), 0]
+    outs = []
+    for columns in (layers.STACKED_MAX_COLUMNS, 0):  # 0: force the gathered way
+        monkeypatch.setattr(layers, "STACKED_MAX_COLUMNS", columns)
+        ctx.set(row_slots, torch.device("cpu"))
+        assert (ctx.onehot is not None) == (columns > 0)
+        outs.append(model(x))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    ctx.set([-1] * 4, torch.device("cpu"))
+    assert torch.equal(outs[0][1], model(x)[1])  # the bare-base row is the base, bit for bit

@@ -1,8 +1,15 @@
 """Stacked LoRA slots: every device slot's A and B for one base linear layer in one tensor.
 
-A batch row carries its slot index; the LoRA term for the whole batch is one batched gather
-and two batched matmuls (the BGMV idea in plain torch), whatever the number of distinct
-adapters in the batch. Loading an adapter is a copy into these tensors, not module surgery.
+A batch row carries its slot index; the LoRA term of the whole batch takes a fixed number
+of tensor ops per layer, whatever the number of distinct adapters in it (the BGMV/SGMV
+idea in plain torch). Loading an adapter is a copy into these tensors, not module surgery.
+
+Two ways to apply it, chosen per forward by the batch's shape:
+- *stacked* (few distinct adapters x rank): gather the batch's distinct adapters once,
+  run every row through all of them in two matmuls, keep each row's own block by a
+  0/1 mask. No per-row copies of A and B.
+- *gathered* (many distinct adapters x high rank): gather each row's own A and B and
+  run two batched matmuls, so the work stays proportional to rank, not to adapters.
 """
 
 from __future__ import annotations
@@ -12,26 +19,41 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+STACKED_MAX_COLUMNS = 512  # distinct adapters x rank up to which the stacked way is cheaper
+
 
 @dataclass
 class RowSlots:
     """Which slot each batch row uses, shared by every wrapped layer for one forward."""
 
     ranks: list[int]  # rank of the adapter in each slot (0: empty), kept by AdapterSlots
-    rows: torch.Tensor | None = None  # [n] long: batch rows that use an adapter
-    slots: torch.Tensor | None = None  # [n] long: their slot indices
-    rank: int = 0  # the largest rank among those slots: the only columns worth gathering
+    active: bool = False  # any row uses an adapter
+    rank: int = 0  # the largest rank among the batch's slots: the only columns worth touching
+    uniq: torch.Tensor | None = None  # [u] long: the batch's distinct slots
+    onehot: torch.Tensor | None = None  # [B, u]: 1 where row b uses uniq[u] (stacked way)
+    row_slot: torch.Tensor | None = None  # [B] long: row's slot, 0 for base rows (gathered way)
+    row_on: torch.Tensor | None = None  # [B]: 1 for rows with an adapter, 0 for the bare base
 
     def set(self, row_slots: list[int], device: torch.device) -> None:
-        """`row_slots[i]` is row i's slot, or -1 for the bare base (which skips LoRA)."""
-        pairs = [(r, s) for r, s in enumerate(row_slots) if s >= 0]
-        if not pairs:
-            self.rows = self.slots = None
+        """`row_slots[i]` is row i's slot, or -1 for the bare base (whose LoRA term is 0)."""
+        used = sorted({s for s in row_slots if s >= 0})
+        self.active = bool(used)
+        if not used:
             return
-        rows, slots = zip(*pairs, strict=True)
-        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
-        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
-        self.rank = max(self.ranks[s] for s in set(slots))
+        self.rank = max(self.ranks[s] for s in used)
+        self.uniq = torch.tensor(used, dtype=torch.long, device=device)
+        on = [1.0 if s >= 0 else 0.0 for s in row_slots]
+        self.row_on = torch.tensor(on, device=device)
+        if len(used) * self.rank <= STACKED_MAX_COLUMNS:
+            index = {s: i for i, s in enumerate(used)}
+            onehot = torch.zeros(len(row_slots), len(used))
+            for row, s in enumerate(row_slots):
+                if s >= 0:
+                    onehot[row, index[s]] = 1.0
+            self.onehot, self.row_slot = onehot.to(device), None
+        else:
+            self.onehot = None
+            self.row_slot = torch.tensor([max(s, 0) for s in row_slots], dtype=torch.long, device=device)
 
 
 class StackedLoraLinear(nn.Module):
@@ -53,16 +75,30 @@ class StackedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        rows, slots, r = self.ctx.rows, self.ctx.slots, self.ctx.rank
-        if rows is None:
+        if not self.ctx.active:
             return y
-        # Slice to the batch's largest rank before gathering: padding columns are zeros,
-        # so they add nothing but memory traffic.
-        xs = x[rows].to(self.lora_a.dtype)  # [n, T, in]
-        h = torch.bmm(xs, self.lora_a[:, :r][slots].transpose(1, 2))  # [n, T, r]
-        delta = torch.bmm(h, self.lora_b[:, :, :r][slots].transpose(1, 2))  # [n, T, out]
-        delta = delta * self.scaling[slots].view(-1, 1, 1)
-        return y.index_add(0, rows, delta.to(y.dtype))
+        ctx, r = self.ctx, self.ctx.rank
+        xs = x.to(self.lora_a.dtype)  # [B, T, in]
+        if ctx.onehot is not None:
+            delta = self._stacked(xs, ctx.uniq, ctx.onehot, r)
+        else:
+            delta = self._gathered(xs, ctx.row_slot, r)
+        # Per-row scaling after B, as PEFT orders it; 0 for bare-base rows, so y is unchanged.
+        scale = self.scaling[ctx.row_slot] if ctx.onehot is None else ctx.onehot @ self.scaling[ctx.uniq]
+        delta = delta * (scale * ctx.row_on).view(-1, 1, 1)
+        return y + delta.to(y.dtype)
+
+    def _stacked(self, xs: torch.Tensor, uniq: torch.Tensor, onehot: torch.Tensor, r: int) -> torch.Tensor:
+        b, t, _ = xs.shape
+        u = uniq.numel()
+        a = self.lora_a[uniq, :r].reshape(u * r, self.in_features)  # [u*r, in]
+        bt = self.lora_b[uniq, :, :r].permute(0, 2, 1).reshape(u * r, self.out_features)  # [u*r, out]
+        h = (xs @ a.T).view(b, t, u, r) * onehot.view(b, 1, u, 1)  # each row keeps its own block
+        return h.view(b, t, u * r) @ bt  # [B, T, out]
+
+    def _gathered(self, xs: torch.Tensor, row_slot: torch.Tensor, r: int) -> torch.Tensor:
+        h = torch.bmm(xs, self.lora_a[:, :r][row_slot].transpose(1, 2))  # [B, T, r]
+        return torch.bmm(h, self.lora_b[:, :, :r][row_slot].transpose(1, 2))  # [B, T, out]
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None,
