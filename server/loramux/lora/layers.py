@@ -33,10 +33,12 @@ class RowSlots:
     onehot: torch.Tensor | None = None  # [B, u]: 1 where row b uses uniq[u] (stacked way)
     row_slot: torch.Tensor | None = None  # [B] long: row's slot, 0 for base rows (gathered way)
     row_on: torch.Tensor | None = None  # [B]: 1 for rows with an adapter, 0 for the bare base
+    used: list[int] | None = None  # the batch's distinct slots, as Python ints
 
     def set(self, row_slots: list[int], device: torch.device) -> None:
         """`row_slots[i]` is row i's slot, or -1 for the bare base (whose LoRA term is 0)."""
         used = sorted({s for s in row_slots if s >= 0})
+        self.used = used
         self.active = bool(used)
         if not used:
             return
@@ -75,7 +77,9 @@ class StackedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if not self.ctx.active:
+        # Nothing to add when no adapter in the batch targets this layer (e.g. attention-only
+        # adapters leave the MLP layers' slots empty).
+        if not self.ctx.active or not any(self.filled[s] for s in self.ctx.used):
             return y
         ctx, r = self.ctx, self.ctx.rank
         xs = x.to(self.lora_a.dtype)  # [B, T, in]
