@@ -1,0 +1,236 @@
+"""loramux against PEFT on the same requests, in the same run, on the same 4-bit base.
+
+(a) PEFT as users run it today: per request `set_adapter` then `generate`, one at a time.
+(b) PEFT at its best: static batches of 32, left-padded, `generate(adapter_names=[...])`
+    (PEFT's mixed-adapter batch inference).
+(c) loramux: a real server (32 slots, batches of up to 32 rows), 32 streaming gRPC clients.
+
+All three on the bench-30m model in 4-bit NF4 with float32 compute through the same
+bitsandbytes kernels (`honour_compute_dtype`). Throughput is generated tokens per second,
+counting each request's tokens up to its own max_new_tokens or EOS (what it asked for;
+a static batch generates past that for its shorter rows, which is PEFT's loss).
+
+    python -m bench.vs_peft                  # 32 adapters, 64 requests
+    python -m bench.vs_peft --quick          # smoke run, under 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common as c  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--dist", default="powerlaw", choices=["powerlaw", "uniform"])
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--peft-batch", type=int, default=32, help="static batch size of PEFT (b)")
+    p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients of loramux")
+    p.add_argument("--slots", type=int, default=None, help="loramux device slots (default: --adapters)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--new-tokens", default="32,128", help="min,max new tokens per request")
+    p.add_argument("--prompt-tokens", default="32,128", help="min,max prompt tokens per request")
+    p.add_argument("--seed", type=int, default=c.SEED)
+    p.add_argument("--wait-quiet", type=float, default=0.0,
+                   help="before each run, wait up to this many seconds for other processes to leave the CPU")
+    p.add_argument("--skip", default="", help="comma-separated runs to skip: a, b, loramux")
+    p.add_argument("--snapshot", nargs="?", const="HEAD", metavar="REV",
+                   help="benchmark a commit (default HEAD, extracted with git archive), not the working tree")
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 adapters, 8 short requests")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.adapters, args.requests, args.peft_batch, args.clients = 8, 8, 8, 8
+        args.new_tokens, args.prompt_tokens = "8,16", "32,64"
+    args.slots = args.slots or args.adapters
+    return args
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in text.split(","))
+    return lo, hi
+
+
+# --- PEFT --------------------------------------------------------------------------------
+def load_peft(base_path: Path, adapters: dict[str, Path]):
+    """PeftModel on the 4-bit base configured like the server, every adapter loaded."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loramux.model.loader import honour_compute_dtype, quantization_config
+
+    dtype = torch.float32
+    base = AutoModelForCausalLM.from_pretrained(
+        str(base_path), dtype=dtype, device_map={"": "cpu"}, quantization_config=quantization_config("nf4", dtype))
+    base.eval()
+    honour_compute_dtype(base, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(adapters[name]), adapter_name=name)
+    model.eval()
+    return model, tokenizer
+
+
+def _answer(row, max_new: int, eos: set[int]) -> list[int]:
+    """A request's own tokens out of a generated row: up to max_new, through the first EOS."""
+    out = []
+    for t in row[:max_new]:
+        out.append(int(t))
+        if t in eos:
+            break
+    return out
+
+
+def peft_one_at_a_time(model, tokenizer, requests: list[c.BenchRequest]) -> tuple[float, list[list[int]]]:
+    import torch
+
+    eos, pad = {tokenizer.eos_token_id}, tokenizer.pad_token_id
+    answers = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for n, req in enumerate(requests):
+            _progress("PEFT (a)", n, len(requests), start)
+            ids = torch.tensor([tokenizer(req.prompt).input_ids])
+            model.set_adapter(req.adapter_id)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+            answers.append(_answer(out[0, ids.shape[1]:].tolist(), req.max_new_tokens, eos))
+    return time.perf_counter() - start, answers
+
+
+def peft_static_batches(model, tokenizer, requests: list[c.BenchRequest], batch: int) -> tuple[float, list[list[int]]]:
+    import torch
+
+    tokenizer.padding_side = "left"
+    eos, pad = {tokenizer.eos_token_id}, tokenizer.pad_token_id
+    answers = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(requests), batch):
+            _progress("PEFT (b)", i, len(requests), start)
+            group = requests[i:i + batch]
+            enc = tokenizer([r.prompt for r in group], return_tensors="pt", padding=True)
+            out = model.generate(**enc, adapter_names=[r.adapter_id for r in group],
+                                 max_new_tokens=max(r.max_new_tokens for r in group), do_sample=False,
+                                 pad_token_id=pad)
+            width = enc.input_ids.shape[1]
+            answers += [_answer(out[j, width:].tolist(), r.max_new_tokens, eos) for j, r in enumerate(group)]
+    return time.perf_counter() - start, answers
+
+
+def _progress(label: str, done: int, total: int, start: float) -> None:
+    if done and done % 16 == 0 or label.endswith("(b)") and done:
+        print(f"  {label}: {done}/{total} requests, {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def peft_warm_up(model, tokenizer, adapter_ids: list[str]) -> None:
+    warm = c.make_requests(2, 0, seed=c.SEED + 99, new_range=(4, 4))
+    warm = [c.BenchRequest(r.index, adapter_ids[i % len(adapter_ids)], r.prompt, r.prompt_tokens, r.max_new_tokens)
+            for i, r in enumerate(warm)]
+    peft_one_at_a_time(model, tokenizer, warm[:1])
+    peft_static_batches(model, tokenizer, warm, 2)
+
+
+# --- main --------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.snapshot:
+        c.snapshot_server_code(args.snapshot)
+    env = c.environment()
+    c.quiet()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    adapters = c.ensure_adapters(args.adapters, rank=args.rank)
+    requests = c.make_requests(args.requests, args.adapters, args.dist, args.seed,
+                               _range(args.prompt_tokens), _range(args.new_tokens), args.alpha)
+    work = c.workdir("vs_peft")
+    print(f"commit {env['commit']} ({env['server_code']}), {env['date']}")
+    print(f"model {c.MODEL_NAME} nf4 (float32 compute), {args.adapters} rank-{args.rank} adapters, "
+          f"{args.requests} requests ({args.dist}, {len({r.adapter_id for r in requests})} distinct adapters), "
+          f"prompts {args.prompt_tokens}, new tokens {args.new_tokens}, greedy; logs in {work}", flush=True)
+    results: dict[str, dict] = {}
+    answers: dict[str, list[list[int]]] = {}
+
+    if "loramux" not in skip:
+        srv = c.start_server(work, adapters, slots=args.slots, max_batch=args.max_batch_size,
+                             max_rank=max(args.rank, 8))
+        try:
+            c.warm_up(srv.address)
+            c.wait_for_quiet(args.wait_quiet)
+            before = c.server_counters(srv)
+            res = c.run_load(srv.address, requests, concurrency=args.clients, server_pid=srv.proc.pid)
+            stats = c.server_stats(before, c.server_counters(srv))
+        finally:
+            srv.stop()
+        answers["loramux"] = [o.token_ids for o in sorted(res.outcomes, key=lambda o: o.index)]
+        results["loramux"] = {**res.summary(), **stats,
+                              "label": f"loramux ({args.clients} clients, {args.slots} slots, batch <= "
+                                       f"{args.max_batch_size})"}
+        print(f"loramux: {res.tokens_per_s:.1f} tok/s ({res.tokens} tokens in {res.wall_s:.1f} s, "
+              f"errors {res.errors})", flush=True)
+
+    if not {"a", "b"} <= skip:
+        started = time.perf_counter()
+        model, tokenizer = load_peft(c.bench_model(), adapters)
+        print(f"PEFT: loaded base + {len(adapters)} adapters in {time.perf_counter() - started:.1f} s", flush=True)
+        peft_warm_up(model, tokenizer, list(adapters))
+        runs = [("a", "PEFT (a) set_adapter + generate, one at a time",
+                 lambda: peft_one_at_a_time(model, tokenizer, requests)),
+                ("b", f"PEFT (b) static batches of {args.peft_batch}, adapter_names",
+                 lambda: peft_static_batches(model, tokenizer, requests, args.peft_batch))]
+        for key, label, fn in runs:
+            if key in skip:
+                continue
+            c.wait_for_quiet(args.wait_quiet)
+            with c.CpuWatch() as watch:
+                wall, ans = fn()
+            tokens = sum(len(a) for a in ans)
+            answers[key] = ans
+            results[key] = {"label": label, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+                            "requests_per_s": len(requests) / wall, "foreign_cpu": watch.foreign_cores}
+            print(f"{label}: {tokens / wall:.1f} tok/s ({tokens} tokens in {wall:.1f} s)", flush=True)
+
+    print()
+    print(report(results, answers))
+    data = {"args": vars(args), "results": results, "parity": _parity(answers), "requests": len(requests)}
+    path = c.write_results("vs_peft" + ("-quick" if args.quick else ""), data, env)
+    print(f"\nresults: {path}")
+    return 0 if results.get("loramux", {}).get("errors", 0) == 0 else 1
+
+
+def _parity(answers: dict[str, list[list[int]]]) -> dict[str, float]:
+    """Share of requests whose greedy tokens equal PEFT (a)'s (the correctness oracle)."""
+    ref = answers.get("a")
+    if ref is None:
+        return {}
+    return {k: sum(x == y for x, y in zip(v, ref, strict=True)) / len(ref) for k, v in answers.items() if k != "a"}
+
+
+def report(results: dict[str, dict], answers: dict[str, list[list[int]]]) -> str:
+    rows = [[r["label"], r["tokens"], r["wall_s"], r["tokens_per_s"], r["foreign_cpu"]] for r in results.values()]
+    text = c.table(["system", "tokens", "wall s", "tok/s", "busy cores"], rows, digits=1)
+    lx = results.get("loramux", {}).get("tokens_per_s")
+    if lx:
+        for key, target in (("a", 10.0), ("b", 1.5)):
+            if key in results:
+                r = c.ratio(lx, results[key]["tokens_per_s"])
+                verdict = "meets" if r >= target else "BELOW"
+                text += f"\nloramux / PEFT ({key}): {r:.2f}x (target >= {target:g}x: {verdict})"
+    for key, share in _parity(answers).items():
+        text += f"\ngreedy tokens equal to PEFT (a): {key} {100 * share:.0f}% of requests"
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
