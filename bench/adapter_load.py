@@ -93,10 +93,7 @@ def measure(slots, store, device, ids: list[str], iterations: int, from_disk: bo
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.snapshot:
-        c.snapshot_server_code(args.snapshot)
-    env = c.environment()
-    c.quiet()
+    env = c.start(args.snapshot)
     ranks = [int(x) for x in args.ranks.split(",")]
     folders = {r: c.ensure_adapters(2, rank=r) for r in ranks}
     runner, store, slots, metrics, device = build(args.max_lora_rank, args.device)

@@ -573,3 +573,19 @@ def workdir(name: str) -> Path:
     path = bench_dir() / "runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def int_range(text: str) -> tuple[int, int]:
+    """"32,128" -> (32, 128): the --prompt-tokens / --new-tokens flags."""
+    lo, hi = (int(x) for x in text.split(","))
+    return lo, hi
+
+
+def start(snapshot: str | None) -> dict:
+    """What every script does first: pick the code (a snapshot or the working tree), record
+    the environment, silence library chatter."""
+    if snapshot:
+        snapshot_server_code(snapshot)
+    env = environment()
+    quiet()
+    return env

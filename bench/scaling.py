@@ -51,20 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _range(text: str) -> tuple[int, int]:
-    lo, hi = (int(x) for x in text.split(","))
-    return lo, hi
-
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.snapshot:
-        c.snapshot_server_code(args.snapshot)
-    env = c.environment()
-    c.quiet()
+    env = c.start(args.snapshot)
     counts = [int(x) for x in args.adapters.split(",")]
     dists = [d.strip() for d in args.dist.split(",") if d.strip()]
-    new_range, prompt_range = _range(args.new_tokens), _range(args.prompt_tokens)
+    new_range, prompt_range = c.int_range(args.new_tokens), c.int_range(args.prompt_tokens)
     adapters = c.ensure_adapters(max(counts), rank=args.rank)
     work = c.workdir("scaling")
     print(f"commit {env['commit']} ({env['server_code']}), {env['date']}")

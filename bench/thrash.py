@@ -52,17 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _range(text: str) -> tuple[int, int]:
-    lo, hi = (int(x) for x in text.split(","))
-    return lo, hi
-
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.snapshot:
-        c.snapshot_server_code(args.snapshot)
-    env = c.environment()
-    c.quiet()
+    env = c.start(args.snapshot)
     dists = [d.strip() for d in args.dist.split(",") if d.strip()]
     adapters = c.ensure_adapters(args.adapters, rank=args.rank)
     work = c.workdir("thrash")
@@ -81,7 +74,7 @@ def main(argv=None) -> int:
             c.warm_up(srv.address)
             for dist in dists:
                 reqs = c.make_requests(args.requests, args.adapters, dist, args.seed,
-                                       _range(args.prompt_tokens), _range(args.new_tokens), args.alpha)
+                                       c.int_range(args.prompt_tokens), c.int_range(args.new_tokens), args.alpha)
                 c.wait_for_quiet(args.wait_quiet)
                 before = c.server_counters(srv)
                 res = c.run_load(srv.address, reqs, concurrency=args.clients, server_pid=srv.proc.pid)

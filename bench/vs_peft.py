@@ -55,10 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _range(text: str) -> tuple[int, int]:
-    lo, hi = (int(x) for x in text.split(","))
-    return lo, hi
-
 
 # --- PEFT --------------------------------------------------------------------------------
 def load_peft(base_path: Path, adapters: dict[str, Path]):
@@ -146,14 +142,11 @@ def peft_warm_up(model, tokenizer, adapter_ids: list[str]) -> None:
 # --- main --------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.snapshot:
-        c.snapshot_server_code(args.snapshot)
-    env = c.environment()
-    c.quiet()
+    env = c.start(args.snapshot)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     adapters = c.ensure_adapters(args.adapters, rank=args.rank)
     requests = c.make_requests(args.requests, args.adapters, args.dist, args.seed,
-                               _range(args.prompt_tokens), _range(args.new_tokens), args.alpha)
+                               c.int_range(args.prompt_tokens), c.int_range(args.new_tokens), args.alpha)
     work = c.workdir("vs_peft")
     print(f"commit {env['commit']} ({env['server_code']}), {env['date']}")
     print(f"model {c.MODEL_NAME} nf4 (float32 compute), {args.adapters} rank-{args.rank} adapters, "
