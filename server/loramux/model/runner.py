@@ -27,19 +27,14 @@ class GrowingLayer(DynamicLayer):
     part, which is all attention reads.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Stack groups of rows ([b_i, heads, L_i, head_dim] each), left-padding the shorter
+        with zeros, straight into one buffer: a single copy however the batch was made."""
         super().__init__()
-        self.length = keys.shape[-2]
-        self._k = self._room(keys)
-        self._v = self._room(values)
-        self.device, self.is_initialized = keys.device, True
+        self.length = max(k.shape[-2] for k in keys)
+        self._k, self._v = _stack(keys, self.length), _stack(values, self.length)
+        self.device, self.is_initialized = keys[0].device, True
         self._expose()
-
-    def _room(self, t: torch.Tensor) -> torch.Tensor:
-        b, h, n, d = t.shape
-        buf = t.new_empty(b, h, n + max(32, n // 2), d)
-        buf[:, :, :n].copy_(t)
-        return buf
 
     def _expose(self) -> None:
         self.keys = self._k[:, :, : self.length]
@@ -48,7 +43,7 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = key_states.shape[-2]
         if self.length + n > self._k.shape[-2]:
-            self._k, self._v = self._room(self.keys), self._room(self.values)
+            self._k, self._v = _stack([self.keys], self.length), _stack([self.values], self.length)
         self._k[:, :, self.length : self.length + n].copy_(key_states)
         self._v[:, :, self.length : self.length + n].copy_(value_states)
         self.length += n
@@ -56,9 +51,25 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+def _stack(parts: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Rows of `parts` right-aligned to `length` in a new buffer with room to grow by half.
+    Padding is zeroed: attention gives it weight 0, and 0 x garbage could be NaN."""
+    _, heads, _, dim = parts[0].shape
+    buf = parts[0].new_empty(sum(p.shape[0] for p in parts), heads, length + max(32, length // 2), dim)
+    row = 0
+    for p in parts:
+        rows, pad = p.shape[0], length - p.shape[-2]
+        if pad:
+            buf[row : row + rows, :, :pad].zero_()
+        buf[row : row + rows, :, pad:length].copy_(p)
+        row += rows
+    return buf
+
+
+def _cache(groups: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> DynamicCache:
+    """A cache whose layer i stacks layer i of every group (each a per-layer kv list)."""
     cache = DynamicCache()
-    cache.layers = [GrowingLayer(k, v) for k, v in kv]
+    cache.layers = [GrowingLayer([k for k, _ in layer], [v for _, v in layer]) for layer in zip(*groups, strict=True)]
     return cache
 
 
@@ -118,7 +129,7 @@ class Runner:
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache, slots)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return logits, Batch(_cache(kv), mask, [len(p) for p in prompts], list(slots))
+        return logits, Batch(_cache([kv]), mask, [len(p) for p in prompts], list(slots))
 
     @torch.inference_mode()
     def decode(self, batch: Batch, tokens: list[int]) -> torch.Tensor:
@@ -145,18 +156,8 @@ def merge(a: Batch | None, b: Batch) -> Batch:
     if a is None:
         return b
     width = max(a.mask.shape[1], b.mask.shape[1])
-
-    def lpad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-        extra = width - t.shape[-dim_from_end]
-        if extra == 0:
-            return t
-        pad = [0, 0] * (dim_from_end - 1) + [extra, 0]
-        return F.pad(t, pad)
-
-    kv = [(torch.cat([lpad(ka, 2), lpad(kb, 2)]), torch.cat([lpad(va, 2), lpad(vb, 2)]))
-          for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)]
-    mask = torch.cat([lpad(a.mask, 1), lpad(b.mask, 1)])
-    return Batch(_cache(kv), mask, a.next_pos + b.next_pos, a.slots + b.slots)
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in (a.mask, b.mask)])
+    return Batch(_cache([a.kv, b.kv]), mask, a.next_pos + b.next_pos, a.slots + b.slots)
 
 
 def select(batch: Batch, keep: list[int]) -> Batch | None:
@@ -167,7 +168,7 @@ def select(batch: Batch, keep: list[int]) -> Batch | None:
     mask = batch.mask.index_select(0, idx)
     start = int((mask.sum(0) > 0).nonzero()[0, 0]) if mask.any() else 0
     kv = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in batch.kv]
-    return Batch(_cache(kv), mask[:, start:], [batch.next_pos[i] for i in keep], [batch.slots[i] for i in keep])
+    return Batch(_cache([kv]), mask[:, start:], [batch.next_pos[i] for i in keep], [batch.slots[i] for i in keep])
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
