@@ -212,7 +212,7 @@ class Engine:
             tokens = sample(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
         except Exception as exc:
             log.exception("decode step failed")
-            self._fail_rows(list(range(len(self.rows))), Internal(f"model step failed: {exc}"))
+            self._fail_rows(dict.fromkeys(range(len(self.rows)), Internal(f"model step failed: {exc}")))
             return
         self._advance(tokens)
 
@@ -312,20 +312,18 @@ class Engine:
 
     def _drop_gone_rows(self) -> None:
         now = time.monotonic()
-        gone = [i for i, r in enumerate(self.rows) if r.req.cancelled or r.req.expired(now)]
-        if not gone:
-            return
-        for i in gone:
-            req = self.rows[i].req
-            self._release(self.rows[i])
-            self._fail(req, None if req.cancelled else DeadlineExceeded("deadline passed while generating"))
-        self._remove(gone)
+        expired = DeadlineExceeded("deadline passed while generating")
+        gone = {i: None if r.req.cancelled else expired for i, r in enumerate(self.rows)
+                if r.req.cancelled or r.req.expired(now)}
+        if gone:
+            self._fail_rows(gone)
 
-    def _fail_rows(self, indices: list[int], error: Exception) -> None:
-        for i in indices:
+    def _fail_rows(self, errors: dict[int, Exception | None]) -> None:
+        """End running rows {index: error} (None: cancelled) and take them out of the batch."""
+        for i, error in errors.items():
             self._release(self.rows[i])
             self._fail(self.rows[i].req, error)
-        self._remove(indices)
+        self._remove(list(errors))
 
     def _remove(self, indices: list[int]) -> None:
         drop = set(indices)
