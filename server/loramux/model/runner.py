@@ -2,8 +2,8 @@
 
 Rows of different lengths share one left-padded KV cache: a 2-D attention mask hides the
 padding and explicit position ids keep each row's positions its own, so a row's output
-does not depend on the rows beside it. Rows join (`merge`) and leave (`select`) between
-steps: continuous batching.
+does not depend on the rows beside it. Rows join (`merge`) and leave (`Batch.remove`)
+between steps: continuous batching.
 """
 
 from __future__ import annotations
@@ -11,84 +11,169 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from loramux.lora.layers import attach_stacked_lora
 
+LEFT_ROOM = 64  # free columns kept left of the live window, for joining prompts wider than it
+RIGHT_ROOM = 64  # at least this many free columns kept right of it, for decode steps
 
-class GrowingLayer(DynamicLayer):
-    """One layer's keys and values in a buffer with room to spare.
 
-    transformers' DynamicLayer concatenates the whole cache at every decode step (half of
-    a step's time at batch 24 on the benchmark model); this one writes the new position in
-    place and grows the buffer by half when full. `keys`/`values` are views of the filled
-    part, which is all attention reads.
-    """
+class RowLayer(DynamicLayer):
+    """One layer's keys and values in buffers [rows, kv_heads, columns, head_dim] with room
+    to spare. Its Batch says which rows and columns are live; a step writes its new
+    columns in place (transformers' DynamicLayer re-concatenates the whole cache at every
+    step: half of a decode step's time on the benchmark model)."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Stack groups of rows ([b_i, heads, L_i, head_dim] each), left-padding the shorter
-        with zeros, straight into one buffer: a single copy however the batch was made."""
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
-        self.length = max(k.shape[-2] for k in keys)
-        self._k, self._v = _stack(keys, self.length), _stack(values, self.length)
-        self.device, self.is_initialized = keys[0].device, True
-        self._expose()
+        self.buf_k, self.buf_v = keys, values
+        self.device, self.is_initialized = keys.device, True
+        self.expose(0, 0, 0)
 
-    def _expose(self) -> None:
-        self.keys = self._k[:, :, : self.length]
-        self.values = self._v[:, :, : self.length]
+    def expose(self, n: int, lo: int, hi: int) -> None:
+        self.n, self.lo, self.hi = n, lo, hi
+        self.keys = self.buf_k[:n, :, lo:hi]
+        self.values = self.buf_v[:n, :, lo:hi]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[-2]
-        if self.length + n > self._k.shape[-2]:
-            self._k, self._v = _stack([self.keys], self.length), _stack([self.values], self.length)
-        self._k[:, :, self.length : self.length + n].copy_(key_states)
-        self._v[:, :, self.length : self.length + n].copy_(value_states)
-        self.length += n
-        self._expose()
+        t = key_states.shape[-2]
+        self.buf_k[: self.n, :, self.hi : self.hi + t].copy_(key_states)
+        self.buf_v[: self.n, :, self.hi : self.hi + t].copy_(value_states)
+        self.expose(self.n, self.lo, self.hi + t)
         return self.keys, self.values
 
 
-def _stack(parts: list[torch.Tensor], length: int) -> torch.Tensor:
-    """Rows of `parts` right-aligned to `length` in a new buffer with room to grow by half.
-    Padding is zeroed: attention gives it weight 0, and 0 x garbage could be NaN."""
-    _, heads, _, dim = parts[0].shape
-    buf = parts[0].new_empty(sum(p.shape[0] for p in parts), heads, length + max(32, length // 2), dim)
-    row = 0
-    for p in parts:
-        rows, pad = p.shape[0], length - p.shape[-2]
-        if pad:
-            buf[row : row + rows, :, :pad].zero_()
-        buf[row : row + rows, :, pad:length].copy_(p)
-        row += rows
-    return buf
-
-
-def _cache(groups: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> DynamicCache:
-    """A cache whose layer i stacks layer i of every group (each a per-layer kv list)."""
-    cache = DynamicCache()
-    cache.layers = [GrowingLayer([k for k, _ in layer], [v for _, v in layer]) for layer in zip(*groups, strict=True)]
-    return cache
-
-
 @dataclass
-class Batch:
-    """KV state of rows decoded together; index i of every field is row i."""
+class Group:
+    """Rows just prefilled together, not yet in the running batch."""
 
-    cache: DynamicCache  # GrowingLayers: per layer keys and values [B, kv_heads, L, head_dim]
-    mask: torch.Tensor  # [B, L] long: 1 for a real token, 0 for left padding
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [k, kv_heads, width, head_dim]
+    mask: torch.Tensor  # [k, width] long: 1 for a real token, 0 for left padding
     next_pos: list[int]  # position id of each row's next token
     slots: list[int]  # LoRA slot per row, -1 for the bare base
 
-    @property
-    def size(self) -> int:
-        return len(self.slots)
+
+class Batch:
+    """Owns the KV state of the rows decoded together; index i of every list is row i.
+
+    Live rows are 0..size-1 and live columns lo..hi-1 of buffers with room to spare, so
+    each change copies only what changes: a decode step writes one column, a leaving row
+    is replaced by the last live row, a joining group is copied into free rows. Padding
+    and stale columns are hidden by the mask (attention gives them weight 0; buffers start
+    zeroed so that stale values are always finite: 0 x NaN would still be NaN).
+    Whatever changes it runs in inference mode: its buffers may be made during a step, and
+    torch refuses in-place changes to such tensors outside that mode.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, group: Group) -> None:
+        self.n, self.lo, self.hi = 0, 0, 0
+        self.next_pos: list[int] = []
+        self.slots: list[int] = []
+        k0 = group.kv[0][0]
+        self._shape = (k0.shape[1], k0.shape[3])  # kv_heads, head_dim
+        self._dtype, self._device = k0.dtype, k0.device
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self._device)
+        self.cache = DynamicCache()
+        self.cache.layers = [RowLayer(*self._empty(0, 0)) for _ in group.kv]
+        self.append(group)
 
     @property
-    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
+    def size(self) -> int:
+        return self.n
+
+    @property
+    def rows_free(self) -> int:
+        return self.mask.shape[0] - self.n
+
+    def _empty(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        heads, dim = self._shape
+        z = {"dtype": self._dtype, "device": self._device}
+        return torch.zeros(rows, heads, cols, dim, **z), torch.zeros(rows, heads, cols, dim, **z)
+
+    def _relayout(self, rows: int, left: int) -> None:
+        """Move the live window into new buffers of `rows` rows with `left` free columns
+        before it and room after it: the only whole-cache copy, once in many steps."""
+        n, lo, hi, w = self.n, self.lo, self.hi, self.hi - self.lo
+        cols = left + w + max(RIGHT_ROOM, w // 2)
+        mask = torch.zeros(rows, cols, dtype=torch.long, device=self._device)
+        mask[:n, left : left + w] = self.mask[:n, lo:hi]
+        self.mask = mask
+        for layer in self.cache.layers:
+            k, v = self._empty(rows, cols)
+            k[:n, :, left : left + w] = layer.buf_k[:n, :, lo:hi]
+            v[:n, :, left : left + w] = layer.buf_v[:n, :, lo:hi]
+            layer.buf_k, layer.buf_v = k, v
+        self.lo, self.hi = left, left + w
+
+    def _expose(self) -> None:
+        for layer in self.cache.layers:
+            layer.expose(self.n, self.lo, self.hi)
+
+    @torch.inference_mode()
+    def append(self, group: Group) -> None:
+        """Copy a prefilled group into free rows, right-aligned to the live columns."""
+        k, width = group.mask.shape
+        rows = self.mask.shape[0]
+        if self.n + k > rows or self.hi - width < 0:
+            self._relayout(max(self.n + k, 2 * rows, 8), max(width - (self.hi - self.lo), 0) + LEFT_ROOM)
+        start, new = self.hi - width, slice(self.n, self.n + k)
+        if start < self.lo:  # the window widens left: those columns are padding for old rows
+            self.mask[: self.n, start : self.lo] = 0
+            self.lo = start
+        self.mask[new, self.lo : self.hi] = 0
+        self.mask[new, start : self.hi] = group.mask
+        for layer, (gk, gv) in zip(self.cache.layers, group.kv, strict=True):
+            layer.buf_k[new, :, start : self.hi] = gk
+            layer.buf_v[new, :, start : self.hi] = gv
+        self.n += k
+        self.next_pos += group.next_pos
+        self.slots += group.slots
+        self._expose()
+
+    @torch.inference_mode()
+    def remove(self, drop: set[int]) -> list[int]:
+        """Drop rows `drop`; the last live rows move into their places. Returns, for each
+        row still live, its index before (the caller reorders its own rows the same way)."""
+        n = self.n - len(drop)
+        holes = [i for i in sorted(drop) if i < n]
+        movers = [i for i in range(n, self.n) if i not in drop]
+        order = list(range(n))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if holes:
+            dst = torch.tensor(holes, device=self._device)
+            src = torch.tensor(movers, device=self._device)
+            cols = slice(self.lo, self.hi)
+            self.mask[dst, cols] = self.mask[src, cols]
+            for layer in self.cache.layers:
+                layer.buf_k[dst, :, cols] = layer.buf_k[src, :, cols]
+                layer.buf_v[dst, :, cols] = layer.buf_v[src, :, cols]
+        self.n = n
+        self.next_pos = [self.next_pos[i] for i in order]
+        self.slots = [self.slots[i] for i in order]
+        if n:  # columns that are padding for every remaining row leave the window
+            self.lo += int(self.mask[:n, self.lo : self.hi].any(0).nonzero()[0, 0])
+        self._expose()
+        return order
+
+    @torch.inference_mode()
+    def step_mask(self) -> torch.Tensor:
+        """Open one more column for a decode step; the mask the model sees for it."""
+        if self.hi >= self.mask.shape[1]:
+            self._relayout(self.mask.shape[0], LEFT_ROOM)
+        self.mask[: self.n, self.hi] = 1
+        self._expose()
+        return self.mask[: self.n, self.lo : self.hi + 1]
+
+    @torch.inference_mode()
+    def stepped(self) -> None:
+        """After a decode step: the new column is live."""
+        self.hi += 1
+        self.next_pos = [p + 1 for p in self.next_pos]
+        self._expose()
 
 
 class Runner:
@@ -116,8 +201,8 @@ class Runner:
         return self.model.get_memory_footprint() - self.slot_bytes
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, Batch]:
-        """Run whole prompts; return last-position logits [n, vocab] and their batch."""
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, Group]:
+        """Run whole prompts; return last-position logits [n, vocab] and their rows' state."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -129,16 +214,16 @@ class Runner:
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache, slots)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return logits, Batch(_cache([kv]), mask, [len(p) for p in prompts], list(slots))
+        return logits, Group(kv, mask, [len(p) for p in prompts], list(slots))
 
     @torch.inference_mode()
     def decode(self, batch: Batch, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row, extend the batch's cache; return logits [B, vocab]."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
-        batch.mask = F.pad(batch.mask, (0, 1), value=1)
+        mask = batch.step_mask()
         positions = torch.tensor(batch.next_pos, dtype=torch.long, device=self.device).view(-1, 1)
-        logits = self._forward(ids, batch.mask, positions, batch.cache, batch.slots)
-        batch.next_pos = [p + 1 for p in batch.next_pos]
+        logits = self._forward(ids, mask, positions, batch.cache, batch.slots)
+        batch.stepped()
         return logits
 
     def _forward(self, ids, mask, positions, cache, slots) -> torch.Tensor:
@@ -151,24 +236,12 @@ class Runner:
         return out.logits[:, -1, :]
 
 
-def merge(a: Batch | None, b: Batch) -> Batch:
-    """Rows of `a` then rows of `b`, left-padding the shorter cache."""
-    if a is None:
-        return b
-    width = max(a.mask.shape[1], b.mask.shape[1])
-    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in (a.mask, b.mask)])
-    return Batch(_cache([a.kv, b.kv]), mask, a.next_pos + b.next_pos, a.slots + b.slots)
-
-
-def select(batch: Batch, keep: list[int]) -> Batch | None:
-    """Keep only rows `keep` (in that order) and drop columns that are padding for all."""
-    if not keep:
-        return None
-    idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
-    mask = batch.mask.index_select(0, idx)
-    start = int((mask.sum(0) > 0).nonzero()[0, 0]) if mask.any() else 0
-    kv = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in batch.kv]
-    return Batch(_cache([kv]), mask[:, start:], [batch.next_pos[i] for i in keep], [batch.slots[i] for i in keep])
+def merge(batch: Batch | None, group: Group) -> Batch:
+    """The running batch with `group`'s rows after its own (a new batch if none runs)."""
+    if batch is None:
+        return Batch(group)
+    batch.append(group)
+    return batch
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

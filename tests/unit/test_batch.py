@@ -1,0 +1,87 @@
+"""The running batch's in-place KV cache: rows joining and leaving never change a row's output.
+
+Each row's greedy tokens and logits in a batch whose rows come and go (joins wider than
+the live window, leavers in the middle, buffer re-layouts) must equal that row run alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramux.model import runner as runner_mod
+from loramux.model.loader import ModelSpec, load_base
+from loramux.model.runner import Runner, merge
+
+PROMPTS = {  # name: (prompt bytes, new tokens, step at which it joins)
+    "a": (b"short one", 12, 0),
+    "b": (b"a somewhat longer prompt than the first", 6, 2),
+    "c": (b"mid", 9, 2),
+    "d": (b"this prompt is much wider than anything running when it joins the batch", 5, 7),
+    "e": (b"e", 8, 9),
+}
+
+
+@pytest.fixture(scope="module")
+def runner(base_path) -> Runner:
+    model, tok = load_base(ModelSpec(str(base_path), "none", torch.device("cpu"), torch.float32))
+    return Runner(model, tok, num_slots=2, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def ids(runner: Runner, text: bytes) -> list[int]:
+    return runner.tokenizer(text.decode()).input_ids
+
+
+def alone(runner: Runner, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    logits, group = runner.prefill([prompt], [-1])
+    batch, tokens, seen = merge(None, group), [int(logits.argmax(-1))], [logits[0]]
+    while len(tokens) < steps:
+        logits = runner.decode(batch, tokens[-1:])
+        tokens.append(int(logits.argmax(-1)))
+        seen.append(logits[0])
+    return tokens, seen
+
+
+@pytest.mark.parametrize("room", [(64, 64), (0, 1)], ids=["default-room", "relayout-every-step"])
+def test_rows_joining_and_leaving_keep_each_row_its_own(runner, monkeypatch, room):
+    monkeypatch.setattr(runner_mod, "LEFT_ROOM", room[0])
+    monkeypatch.setattr(runner_mod, "RIGHT_ROOM", room[1])
+    want = {name: alone(runner, ids(runner, text), n) for name, (text, n, _) in PROMPTS.items()}
+    batch, rows, got = None, [], {name: ([], []) for name in PROMPTS}
+    for step in range(40):
+        joining = [name for name, (_, _, at) in PROMPTS.items() if at == step]
+        if joining:
+            logits, group = runner.prefill([ids(runner, PROMPTS[n][0]) for n in joining], [-1] * len(joining))
+            batch = merge(batch, group)
+            rows += joining
+            for name, row_logits in zip(joining, logits, strict=True):
+                got[name][0].append(int(row_logits.argmax(-1)))
+                got[name][1].append(row_logits)
+        done = {i for i, name in enumerate(rows) if len(got[name][0]) >= PROMPTS[name][1]}
+        if done:
+            if len(done) == len(rows):
+                batch, rows = None, []
+            else:
+                rows = [rows[i] for i in batch.remove(done)]
+        if batch is None:
+            continue
+        logits = runner.decode(batch, [got[name][0][-1] for name in rows])
+        for name, row_logits in zip(rows, logits, strict=True):
+            got[name][0].append(int(row_logits.argmax(-1)))
+            got[name][1].append(row_logits)
+    for name, (tokens, logits) in want.items():
+        assert got[name][0] == tokens, name
+        torch.testing.assert_close(torch.stack(got[name][1]), torch.stack(logits), atol=1e-4, rtol=1e-4)
+
+
+def test_removing_rows_moves_the_last_rows_into_the_gaps(runner, monkeypatch):
+    monkeypatch.setattr(runner_mod, "RIGHT_ROOM", 0)  # the decode step re-lays the buffers out
+    prompts = [ids(runner, t) for t in (b"r0", b"row one", b"r2", b"row three", b"r4")]
+    _, group = runner.prefill(prompts, [-1, 0, -1, 1, -1])
+    batch = merge(None, group)
+    runner.decode(batch, [5] * 5)
+    order = batch.remove({0, 2})
+    assert order == [3, 1, 4]
+    assert batch.size == 3 and batch.slots == [1, 0, -1]
+    # the window shrank to the widest remaining row ("row three": BOS + 9 bytes, 1 decoded)
+    assert batch.hi - batch.lo == len(prompts[3]) + 1
