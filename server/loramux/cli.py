@@ -53,6 +53,8 @@ def _serve_parser(sub) -> None:
     _add(p, "--host-cache-bytes", int, 2 << 30, "bytes of adapter tensors kept in host RAM")
     _add(p, "--max-adapter-bytes", int, 1 << 30, "largest adapter weights file accepted")
     _add(p, "--max-batch-size", int, 16, "rows decoded together")
+    _add(p, "--torch-threads", int, 0, "torch threads for each of the two engine threads (prefill and "
+         "decode run side by side); 0: half the usable cores on CPU, torch's default on CUDA")
     _add(p, "--max-queue", int, 256, "waiting requests before RESOURCE_EXHAUSTED")
     _add(p, "--max-new-tokens-limit", int, 1024, "largest max_new_tokens accepted")
     _add(p, "--default-max-new-tokens", int, 64, "max_new_tokens when a request leaves it unset")
@@ -133,7 +135,7 @@ def _serve(args) -> int:
             adapter_dir=args.adapter_dir, allow_adapter_roots=tuple(Path(p) for p in args.allow_adapter_root),
             max_active_adapters=args.max_active_adapters, max_lora_rank=args.max_lora_rank,
             host_cache_bytes=args.host_cache_bytes, max_adapter_bytes=args.max_adapter_bytes,
-            max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+            max_batch_size=args.max_batch_size, torch_threads=args.torch_threads, max_queue=args.max_queue,
             max_new_tokens_limit=args.max_new_tokens_limit,
             default_max_new_tokens=args.default_max_new_tokens, max_model_len=args.max_model_len,
             adapter_scan_interval=args.adapter_scan_interval, drain_timeout=args.drain_timeout,

@@ -27,6 +27,7 @@ class ServerConfig:
     host_cache_bytes: int = 2 << 30
     max_adapter_bytes: int = 1 << 30
     max_batch_size: int = 16
+    torch_threads: int = 0  # per engine thread (prefill, decode); 0: half the CPU's cores on CPU
     max_queue: int = 256
     max_new_tokens_limit: int = 1024
     default_max_new_tokens: int = 64
@@ -47,6 +48,7 @@ class ServerConfig:
             (self.max_active_adapters >= 1, "--max-active-adapters must be at least 1"),
             (1 <= self.max_lora_rank <= 1024, "--max-lora-rank must be in [1, 1024]"),
             (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
+            (self.torch_threads >= 0, "--torch-threads must be >= 0"),
             (self.max_queue >= 1, "--max-queue must be at least 1"),
             (self.max_new_tokens_limit >= 1, "--max-new-tokens-limit must be at least 1"),
             (

@@ -2,6 +2,8 @@
 
 LORAMUX_FAULTS is a comma-separated list of
   step:MARKER          a prefill step raises when a prompt in it contains MARKER
+  crash:MARKER         the engine step raises outside its own error handling while a
+                       row whose prompt contains MARKER runs (the last-resort path)
   load-oom:ID:N        the first N loads of adapter ID raise out-of-memory
 """
 
@@ -19,8 +21,9 @@ class InjectedFault(RuntimeError):
     """Raised where a test asked for a failure."""
 
 
-def step_marker() -> str | None:
-    return next((f[1] for f in _spec if f[0] == "step" and len(f) == 2), None)
+def marked(prompt: str) -> str:
+    """The kind of fault ("step", "crash") a prompt asks for; "" for none."""
+    return next((f[0] for f in _spec if f[0] in ("step", "crash") and len(f) == 2 and f[1] in prompt), "")
 
 
 def load_should_oom(adapter_id: str) -> bool:

@@ -42,16 +42,12 @@ class LoramuxReplica:
     """Owns one engine (model, adapter tiers, step loop) inside a Ray Serve replica."""
 
     def __init__(self, config: dict) -> None:
-        import torch
 
         from loramux.app import build_engine
         from loramux.engine.watcher import AdapterDirWatcher
         from loramux.metrics import Metrics
 
-        threads = config.pop("torch_threads", None)
-        if threads:
-            torch.set_num_threads(threads)  # replicas share the node's cores
-        cfg = ServerConfig(**config)
+        cfg = ServerConfig(**config)  # torch_threads: replicas share the node's cores
         self.engine = build_engine(cfg, Metrics())
         self.engine.start()
         self.watcher = AdapterDirWatcher(self.engine, cfg.adapter_dir, cfg.adapter_scan_interval)

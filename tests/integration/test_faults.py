@@ -16,7 +16,7 @@ from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from tests.server import ServerProcess
 
 S = grpc.StatusCode
-FAULTS = "step:BOOM,load-oom:oom-once:1,load-oom:oom-always:9"
+FAULTS = "step:BOOM,crash:CRASH,load-oom:oom-once:1,load-oom:oom-always:9"
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,17 @@ def test_failing_step_fails_only_its_requests(server, reference):
         assert results["long"][0] == S.OK
         answer = c.generate("Hello world", "steady", max_new_tokens=8)
         assert list(answer.token_ids) == reference.generate("r16-all", "Hello world", 8)
+
+
+def test_engine_crash_ends_running_requests_and_the_engine_goes_on(server, reference):
+    """A failure outside the step's own handling (a bug) must not leave clients hanging on a
+    batch that no longer matches its rows: running requests end INTERNAL, later ones work."""
+    with server.client(timeout=30) as c:
+        code, details = status_of(c.generate, "a CRASH here", "steady", max_new_tokens=4)
+        assert code == S.INTERNAL and "injected engine crash" in details and "Traceback" not in details
+        for _ in range(2):
+            answer = c.generate("Hello world", "steady", max_new_tokens=8)
+            assert list(answer.token_ids) == reference.generate("r16-all", "Hello world", 8)
 
 
 def test_out_of_memory_on_load(server, reference):

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from loramux.errors import (
 from loramux.lora import registry_file
 from loramux.lora.slots import AdapterSlots
 from loramux.lora.store import AdapterRecord, AdapterStore
-from loramux.model.runner import Batch, Runner, merge, select
+from loramux.model.runner import Batch, Group, Runner, merge
 from loramux.model.sampling import Sampling, make_generator, sample
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,22 @@ class Engine:
         self.rows: list[Row] = []
         self.batch: Batch | None = None
         self.draining = False
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._lock = threading.Lock()  # guards the scheduler and _admitted
+        self._admitted: Counter[str] = Counter()  # rows in prefill or in the batch, per adapter
+        self._prefilled: deque[tuple[list[Row], Group]] = deque()  # prefill -> decode thread
+        self._admit_wake = threading.Event()
+        self._decode_wake = threading.Event()
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
+        # Two threads: admission + prefill beside the decode steps, so a prompt never stalls
+        # the running rows and a new request never waits for a decode step to start.
+        self._threads = [threading.Thread(target=self._decode_loop, name="loramux-decode", daemon=True),
+                         threading.Thread(target=self._prefill_loop, name="loramux-prefill", daemon=True)]
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="loramux-prefetch")
 
     # --- called from the gRPC event loop -------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, adapter_id: str, prompt: str, params: Params, request_id: str,
                timeout: float | None) -> Request:
@@ -94,8 +101,7 @@ class Engine:
             )
         deadline = time.monotonic() + timeout if timeout is not None else None
         req = Request(adapter_id, ids, params, request_id, deadline, asyncio.get_running_loop())
-        marker = faults.step_marker()
-        req.inject_fault = bool(marker) and marker in prompt
+        req.inject_fault = faults.marked(prompt)
         with self._lock:
             if self.scheduler.full():
                 raise ResourceExhausted(
@@ -105,12 +111,13 @@ class Engine:
             self.metrics.queue_depth.set(len(self.scheduler))
         if adapter_id:
             self._prefetch.submit(self.slots.prefetch, adapter_id)
-        self._wake.set()
+        self._admit_wake.set()
         return req
 
     def cancel(self, req: Request) -> None:
         req.cancelled = True
-        self._wake.set()
+        self._admit_wake.set()  # a queued request leaves the queue
+        self._decode_wake.set()  # a running one leaves the batch
 
     async def events(self, req: Request) -> AsyncIterator[Event]:
         """A request's events until its finish; raises its error. Leaving early (the caller
@@ -173,36 +180,43 @@ class Engine:
 
     def idle(self) -> bool:
         with self._lock:
-            return not self.rows and not len(self.scheduler)
+            return not self._admitted and not len(self.scheduler)
 
     def stop(self) -> None:
         self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self._admit_wake.set()
+        self._decode_wake.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
         self._prefetch.shutdown(wait=False, cancel_futures=True)
 
-    # --- the worker thread ---------------------------------------------------------------
-    def _loop(self) -> None:
+    # --- the decode thread --------------------------------------------------------------
+    def _decode_loop(self) -> None:
         while not self._stop:
             try:
-                busy = self.step()
-            except Exception:  # never let the loop die; step() fails the affected rows
+                self._join_prefilled()
+                self._drop_gone_rows()
+                if any(r.req.inject_fault == "crash" for r in self.rows):
+                    raise faults.InjectedFault("injected engine crash")
+                if self.rows:
+                    self._decode()
+            except Exception as exc:  # never let the loop die
                 log.exception("engine step failed")
-                busy = True
-            if not busy:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
+                self._abandon_rows(exc)
+            self.metrics.running.set(len(self.rows))
+            if not self.rows:
+                self._decode_wake.wait(timeout=0.5)
+                self._decode_wake.clear()
 
-    def step(self) -> bool:
-        """Admission (prefill of new rows) first, then one decode step for every row; False
-        when there is no work. Prefill first: a new request's first token never waits
-        behind a decode step of the rows already running."""
-        self._drop_gone_rows()
-        self._admit()
-        if self.rows:
-            self._decode()
-        self.metrics.running.set(len(self.rows))
-        return bool(self.rows) or len(self.scheduler) > 0 and len(self.rows) < self.max_batch_size
+    def _join_prefilled(self) -> None:
+        """Merge rows the prefill thread finished into the batch (their first token is out)."""
+        while self._prefilled:
+            rows, group = self._prefilled.popleft()
+            self.batch = merge(self.batch, group)
+            self.rows += rows
+            ended = [i for i, row in enumerate(self.rows) if row.req.done]
+            if ended:  # finished at their first token: already released
+                self._remove(ended)
 
     def _decode(self) -> None:
         self.metrics.batch_size.observe(len(self.rows))
@@ -214,31 +228,49 @@ class Engine:
             log.exception("decode step failed")
             self._fail_rows(dict.fromkeys(range(len(self.rows)), Internal(f"model step failed: {exc}")))
             return
-        self._advance(tokens)
+        now = time.monotonic()
+        finished = [i for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
+                    if self._emit_token(row, token, now)]
+        if finished:
+            self._remove(finished)
 
-    def _admit(self) -> None:
+    # --- the prefill thread: admission and prefill, beside the decode steps --------------
+    def _prefill_loop(self) -> None:
+        while not self._stop:
+            try:
+                worked = self._admit()
+            except Exception:  # never let the loop die; _admit fails the rows it took
+                log.exception("admission failed")
+                worked = False
+            if not worked:
+                self._admit_wake.wait(timeout=0.5)
+                self._admit_wake.clear()
+
+    def _admit(self) -> bool:
+        """Take waiting requests into free rows and prefill them together; False if none."""
         now = time.monotonic()
         with self._lock:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
-            free = self.max_batch_size - len(self.rows)
-            running = Counter(r.req.adapter_id for r in self.rows)
-            picked = self.scheduler.pick(free, running, self.slots.num_slots) if free > 0 else []
+            free = self.max_batch_size - sum(self._admitted.values())
+            picked = self.scheduler.pick(free, self._admitted, self.slots.num_slots) if free > 0 else []
+            self._admitted.update(r.adapter_id for r in picked)
             self.metrics.queue_depth.set(len(self.scheduler))
         for req in gone:
             self._fail(req, DeadlineExceeded("deadline passed while queued") if req.expired(now) else None)
         rows = [row for row in (self._start_row(req) for req in picked) if row is not None]
         if rows:
             self._prefill(rows)
+        return bool(picked)
 
     def _start_row(self, req: Request) -> Row | None:
         try:
             slot = self.slots.acquire(req.adapter_id) if req.adapter_id else -1
-        except LoramuxError as exc:
-            self._fail(req, exc)
-            return None
         except Exception as exc:
-            log.exception("loading adapter %s failed", req.adapter_id)
-            self._fail(req, Internal(f"loading adapter {req.adapter_id!r} failed: {exc}"))
+            if not isinstance(exc, LoramuxError):
+                log.exception("loading adapter %s failed", req.adapter_id)
+                exc = Internal(f"loading adapter {req.adapter_id!r} failed: {exc}")
+            self._unadmit(req.adapter_id)
+            self._fail(req, exc)
             return None
         req.admitted = time.monotonic()
         self.metrics.queue_wait.observe(req.admitted - req.arrived)
@@ -249,10 +281,11 @@ class Engine:
         return Row(req, TextStream(self.runner.tokenizer, p.stop), sampling, gen, slot)
 
     def _prefill(self, rows: list[Row]) -> None:
+        """Run the prompts, stream each first token, hand the rows to the decode thread."""
         try:
-            if any(r.req.inject_fault for r in rows):
+            if any(r.req.inject_fault == "step" for r in rows):
                 raise faults.InjectedFault("injected fault in a prefill step")
-            logits, batch = self.runner.prefill([r.req.prompt_ids for r in rows], [r.slot for r in rows])
+            logits, group = self.runner.prefill([r.req.prompt_ids for r in rows], [r.slot for r in rows])
             tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         except Exception as exc:
             log.exception("prefill failed")
@@ -260,34 +293,29 @@ class Engine:
                 self._release(row)
                 self._fail(row.req, Internal(f"model step failed: {exc}"))
             return
-        self.batch = merge(self.batch, batch)
-        self.rows += rows
-        first = len(self.rows) - len(rows)
-        self._advance([None] * first + tokens, start=first)
-
-    def _advance(self, tokens: list[int | None], start: int = 0) -> None:
-        """Append each row's new token, stream it, and drop the rows that finished."""
         now = time.monotonic()
-        finished = []
-        for i in range(start, len(self.rows)):
-            row, token = self.rows[i], tokens[i]
-            req = row.req
-            req.generated.append(token)
-            if req.first_token is None:
-                req.first_token = now
-                self.metrics.ttft.observe(now - req.arrived)
-            finish = self._finish_reason(row, token)
-            text, stopped = ("", False) if token in self.runner.eos_ids else row.stream.push(token)
-            if stopped:
-                finish = Finish.STOP
-            elif finish is not None:
-                text += row.stream.flush()
-            req.emit(Event(text=text, token_ids=(token,), finish=finish))
-            if finish is not None:
-                finished.append(i)
-                self._finished(row, now, finish)
-        if finished:
-            self._remove(finished)
+        for row, token in zip(rows, tokens, strict=True):
+            self._emit_token(row, token, now)
+        self._prefilled.append((rows, group))
+        self._decode_wake.set()
+
+    def _emit_token(self, row: Row, token: int, now: float) -> bool:
+        """Append a row's new token and stream it; True (and the row released) if it ended."""
+        req = row.req
+        req.generated.append(token)
+        if req.first_token is None:
+            req.first_token = now
+            self.metrics.ttft.observe(now - req.arrived)
+        finish = self._finish_reason(row, token)
+        text, stopped = ("", False) if token in self.runner.eos_ids else row.stream.push(token)
+        if stopped:
+            finish = Finish.STOP
+        elif finish is not None:
+            text += row.stream.flush()
+        req.emit(Event(text=text, token_ids=(token,), finish=finish))
+        if finish is not None:
+            self._finished(row, now, finish)
+        return finish is not None
 
     def _finish_reason(self, row: Row, token: int) -> Finish | None:
         req = row.req
@@ -310,6 +338,19 @@ class Engine:
             self.metrics.tpot.observe((now - req.first_token) / (n - 1))
         self._release(row)
 
+    def _abandon_rows(self, exc: Exception) -> None:
+        """After a failure step() did not handle, the batch may no longer match the rows:
+        end every running request (INTERNAL) rather than step a broken batch for ever.
+        Queued requests are untouched and start afresh."""
+        rows, self.rows, self.batch = self.rows, [], None
+        for row in rows:
+            if not row.req.done:
+                row.req.emit(Event(error=Internal(f"engine step failed: {exc}")))
+            try:
+                self._release(row)
+            except Exception:  # its slot may already be released; the rest must still end
+                log.exception("releasing the slot of %s failed", row.req.request_id)
+
     def _drop_gone_rows(self) -> None:
         now = time.monotonic()
         expired = DeadlineExceeded("deadline passed while generating")
@@ -326,14 +367,26 @@ class Engine:
         self._remove(list(errors))
 
     def _remove(self, indices: list[int]) -> None:
+        """Take rows out of the batch; the batch fills the gaps from its end, the rows follow."""
         drop = set(indices)
-        keep = [i for i in range(len(self.rows)) if i not in drop]
-        self.batch = select(self.batch, keep) if self.batch is not None else None
-        self.rows = [self.rows[i] for i in keep]
+        if self.batch is None or len(drop) == len(self.rows):
+            self.batch, self.rows = None, []
+            return
+        order = self.batch.remove(drop)
+        self.rows = [self.rows[i] for i in order]
 
     def _release(self, row: Row) -> None:
+        """A row ends: its place in the batch and its slot pin go (once per admitted row)."""
+        self._unadmit(row.req.adapter_id)
         if row.req.adapter_id:
             self.slots.release(row.req.adapter_id)
+
+    def _unadmit(self, adapter_id: str) -> None:
+        with self._lock:
+            self._admitted[adapter_id] -= 1
+            if self._admitted[adapter_id] <= 0:
+                del self._admitted[adapter_id]
+        self._admit_wake.set()
 
     def _fail(self, req: Request, error: Exception | None) -> None:
         """End a request with an error (None: it was cancelled, nobody is listening)."""

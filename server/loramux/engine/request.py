@@ -58,7 +58,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
-    inject_fault: bool = False  # set only by fault-injection tests (loramux.faults)
+    inject_fault: str = ""  # "step" or "crash": set only by fault-injection tests (loramux.faults)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

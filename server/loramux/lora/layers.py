@@ -14,7 +14,7 @@ Two ways to apply it, chosen per forward by the batch's shape:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
 
 import torch
 from torch import nn
@@ -22,18 +22,23 @@ from torch import nn
 STACKED_MAX_COLUMNS = 512  # distinct adapters x rank up to which the stacked way is cheaper
 
 
-@dataclass
-class RowSlots:
-    """Which slot each batch row uses, shared by every wrapped layer for one forward."""
+class RowSlots(threading.local):
+    """Which slot each batch row uses, shared by every wrapped layer for one forward.
 
-    ranks: list[int]  # rank of the adapter in each slot (0: empty), kept by AdapterSlots
-    active: bool = False  # any row uses an adapter
-    rank: int = 0  # the largest rank among the batch's slots: the only columns worth touching
-    uniq: torch.Tensor | None = None  # [u] long: the batch's distinct slots
-    onehot: torch.Tensor | None = None  # [B, u]: 1 where row b uses uniq[u] (stacked way)
-    row_slot: torch.Tensor | None = None  # [B] long: row's slot, 0 for base rows (gathered way)
-    row_on: torch.Tensor | None = None  # [B]: 1 for rows with an adapter, 0 for the bare base
-    used: list[int] | None = None  # the batch's distinct slots, as Python ints
+    Thread-local: a prefill and a decode step may run at once on two threads, each with
+    its own rows. `ranks` (rank of the adapter in each slot, 0: empty; kept by
+    AdapterSlots) is the one list all threads share.
+    """
+
+    def __init__(self, ranks: list[int]) -> None:
+        self.ranks = ranks
+        self.active = False  # any row uses an adapter
+        self.rank = 0  # the largest rank among the batch's slots: the only columns worth touching
+        self.uniq: torch.Tensor | None = None  # [u] long: the batch's distinct slots
+        self.onehot: torch.Tensor | None = None  # [B, u]: 1 where row b uses uniq[u] (stacked way)
+        self.row_slot: torch.Tensor | None = None  # [B] long: row's slot, 0 for base rows (gathered way)
+        self.row_on: torch.Tensor | None = None  # [B]: 1 for rows with an adapter, 0 for the bare base
+        self.used: list[int] | None = None  # the batch's distinct slots, as Python ints
 
     def set(self, row_slots: list[int], device: torch.device) -> None:
         """`row_slots[i]` is row i's slot, or -1 for the bare base (whose LoRA term is 0)."""
