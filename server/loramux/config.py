@@ -29,6 +29,8 @@ class ServerConfig:
     max_batch_size: int = 16
     torch_threads: int = 0  # per engine thread (prefill, decode); 0: half the CPU's cores on CPU
     max_queue: int = 256
+    max_prefill_tokens: int = 512  # one prefill's rows x longest prompt (one long prompt always fits)
+    max_slot_wait: float = 1.0  # seconds a request waits for a slot before resident adapters drain
     max_new_tokens_limit: int = 1024
     default_max_new_tokens: int = 64
     max_model_len: int | None = None  # None: the model's max_position_embeddings
@@ -50,6 +52,8 @@ class ServerConfig:
             (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
             (self.torch_threads >= 0, "--torch-threads must be >= 0"),
             (self.max_queue >= 1, "--max-queue must be at least 1"),
+            (self.max_slot_wait >= 0, "--max-slot-wait must be >= 0"),
+            (self.max_prefill_tokens >= 1, "--max-prefill-tokens must be at least 1"),
             (self.max_new_tokens_limit >= 1, "--max-new-tokens-limit must be at least 1"),
             (
                 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit,

@@ -71,3 +71,39 @@ def test_full_and_remove_where(loop):
     assert s.full()
     gone = s.remove_where(lambda r: r.adapter_id == "A")
     assert names(gone) == ["x"] and len(s) == 1 and not s.full()
+
+
+def test_slots_turn_over_after_max_slot_wait(loop):
+    """Two slots held by hot adapters with steady traffic: a cold request gets no slot until it
+    has waited max_slot_wait; then the hot adapter with fewer rows takes no new rows until its
+    slot frees, and the cold adapter gets that slot before the hot adapter's own queue."""
+    s = Scheduler(max_queue=100, max_slot_wait=1.0)
+    cold = req(loop, "cold", "c0")
+    s.add(cold)
+    for i in range(4):
+        s.add(req(loop, "hot1", f"h1-{i}"))
+        s.add(req(loop, "hot2", f"h2-{i}"))
+    t0 = cold.arrived
+    table = [
+        # (free rows, rows running per adapter, seconds since c0 arrived) -> admitted, in order
+        ((2, Counter(hot1=3, hot2=1), 0.5), ["h2-0", "h2-1"]),  # c0 not starved yet
+        ((1, Counter(hot1=4, hot2=2), 1.5), ["h1-0"]),  # c0 starved: hot2 (fewer rows) held back
+        ((1, Counter(hot1=5, hot2=1), 2.0), ["h1-1"]),
+        ((2, Counter(hot1=5), 2.5), ["c0", "h1-2"]),  # hot2's last row ended: its slot goes to c0
+        ((5, Counter(hot1=5, cold=1), 3.0), ["h1-3"]),  # now hot2 is starved: cold is held back
+        ((5, Counter(hot1=5), 3.5), ["h2-2", "h2-3"]),
+    ]
+    for (free, running, after), expected in table:
+        assert names(s.pick(free, running, 2, now=t0 + after)) == expected
+    assert len(s) == 0
+
+
+def test_prefill_token_budget(loop):
+    s = Scheduler(max_queue=100)
+    for name, n in (("p40", 40), ("p100", 100), ("p10", 10), ("p300", 300)):
+        r = req(loop, "", name)
+        r.prompt_ids = [1] * n
+        s.add(r)
+    assert names(s.pick(10, Counter(), 4, max_tokens=256)) == ["p40", "p100"]  # 3 x 100 > 256
+    assert names(s.pick(10, Counter(), 4, max_tokens=256)) == ["p10"]  # 2 x 300 > 256
+    assert names(s.pick(10, Counter(), 4, max_tokens=256)) == ["p300"]  # alone, whatever its length

@@ -57,7 +57,8 @@ class Engine:
 
     def __init__(self, runner: Runner, store: AdapterStore, slots: AdapterSlots, metrics,
                  max_batch_size: int, max_queue: int, max_model_len: int | None,
-                 registry_path: Path | None = None, log_requests: bool = False) -> None:
+                 registry_path: Path | None = None, log_requests: bool = False,
+                 max_slot_wait: float = 1.0, max_prefill_tokens: int | None = None) -> None:
         self.log_requests = log_requests
         self.registry_path = registry_path  # where RPC registrations persist across restarts
         self.runner = runner
@@ -65,8 +66,9 @@ class Engine:
         self.slots = slots
         self.metrics = metrics
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = min(max_model_len or runner.max_len, runner.max_len)
-        self.scheduler = Scheduler(max_queue)
+        self.scheduler = Scheduler(max_queue, max_slot_wait)
         self.rows: list[Row] = []
         self.batch: Batch | None = None
         self.draining = False
@@ -252,7 +254,8 @@ class Engine:
         with self._lock:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
             free = self.max_batch_size - sum(self._admitted.values())
-            picked = self.scheduler.pick(free, self._admitted, self.slots.num_slots) if free > 0 else []
+            picked = (self.scheduler.pick(free, self._admitted, self.slots.num_slots, now, self.max_prefill_tokens)
+                      if free > 0 else [])
             self._admitted.update(r.adapter_id for r in picked)
             self.metrics.queue_depth.set(len(self.scheduler))
         for req in gone:

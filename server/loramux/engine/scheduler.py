@@ -15,10 +15,17 @@ class Scheduler:
     oldest waiting request first among equals. Rows free up one or two per step, so plain
     oldest-first would hand each free row to the adapter that flooded the queue first;
     counting rows already running gives every waiting adapter its turn within a step or two.
+
+    Slots turn over: a resident adapter with steady traffic would keep its slot for ever,
+    so once a request has waited `max_slot_wait` seconds for a slot, the resident adapters
+    with the fewest rows (one per such waiting adapter) get no new rows until their slot
+    frees. That bounds the wait of a cold adapter under hot ones to about `max_slot_wait`
+    plus the time their last rows take.
     """
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, max_slot_wait: float = 1.0) -> None:
         self.max_queue = max_queue
+        self.max_slot_wait = max_slot_wait
         self._queues: dict[str, deque[Request]] = {}
         self._count = 0
 
@@ -43,19 +50,28 @@ class Scheduler:
         self._count -= len(removed)
         return removed
 
-    def pick(self, free_rows: int, running: Counter[str], max_adapters: int) -> list[Request]:
+    def pick(self, free_rows: int, running: Counter[str], max_adapters: int,
+             now: float | None = None, max_tokens: int | None = None) -> list[Request]:
         """Choose up to `free_rows` requests. `running` counts the batch's rows per adapter;
         distinct adapters in the batch stay within `max_adapters` (the device slots). The
-        bare base, "", needs no slot."""
+        bare base, "", needs no slot. `now` (time.monotonic) enables slot turnover.
+        `max_tokens` bounds the picked prompts as one left-padded prefill (rows x longest),
+        at least one request whatever its length."""
         rows = Counter(running)
         in_batch = {a for a, n in rows.items() if a and n > 0}
+        held = self._held_back(rows, in_batch, max_adapters, now)
         picked: list[Request] = []
         while len(picked) < free_rows:
-            ready = [a for a in self._queues if not a or a in in_batch or len(in_batch) < max_adapters]
+            ready = [a for a in self._queues if a not in held
+                     and (not a or a in in_batch or len(in_batch) < max_adapters)]
             if not ready:
                 break
             adapter_id = min(ready, key=lambda a: (rows[a], self._queues[a][0].seq))
             queue = self._queues[adapter_id]
+            if picked and max_tokens is not None:
+                width = max(len(r.prompt_ids) for r in (*picked, queue[0]))
+                if width * (len(picked) + 1) > max_tokens:
+                    break
             picked.append(queue.popleft())
             self._set(adapter_id, queue)
             rows[adapter_id] += 1
@@ -63,6 +79,16 @@ class Scheduler:
                 in_batch.add(adapter_id)
         self._count -= len(picked)
         return picked
+
+    def _held_back(self, rows: Counter[str], in_batch: set[str], max_adapters: int,
+                   now: float | None) -> set[str]:
+        """Resident adapters that get no new rows, so that their slots go to adapters whose
+        requests waited over max_slot_wait for one."""
+        if now is None or len(in_batch) < max_adapters:
+            return set()
+        starved = sum(1 for a, q in self._queues.items()
+                      if a and a not in in_batch and now - q[0].arrived > self.max_slot_wait)
+        return set(sorted(in_batch, key=lambda a: (rows[a], a))[:starved])
 
     def _set(self, adapter_id: str, queue: deque[Request]) -> None:
         if queue:
