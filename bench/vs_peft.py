@@ -30,7 +30,7 @@ from bench import common as c  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapters", type=int, default=32)
-    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--requests", type=int, default=128)
     p.add_argument("--dist", default="powerlaw", choices=["powerlaw", "uniform"])
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--peft-batch", type=int, default=32, help="static batch size of PEFT (b)")
