@@ -66,7 +66,7 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
 
 
 class App:
-    """Owns the running server: engine thread, watcher, gRPC server, health, metrics."""
+    """Owns the running server: engine threads, watcher, gRPC server, health, metrics."""
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg

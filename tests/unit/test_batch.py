@@ -85,3 +85,17 @@ def test_removing_rows_moves_the_last_rows_into_the_gaps(runner, monkeypatch):
     assert batch.size == 3 and batch.slots == [1, 0, -1]
     # the window shrank to the widest remaining row ("row three": BOS + 9 bytes, 1 decoded)
     assert batch.hi - batch.lo == len(prompts[3]) + 1
+
+
+def test_selected_group_rows_decode_as_alone(runner):
+    """Rows that ended at their first token are dropped from a prefilled group before it
+    joins the batch; the others go on exactly as alone."""
+    prompts = [ids(runner, t) for t in (b"kept one", b"ended at first token", b"kept two!")]
+    logits, group = runner.prefill(prompts, [-1, -1, -1])
+    batch = merge(None, group.select([0, 2]))
+    tokens = [int(logits[0].argmax()), int(logits[2].argmax())]
+    for _ in range(3):
+        step = runner.decode(batch, tokens[-2:])
+        tokens += [int(step[0].argmax()), int(step[1].argmax())]
+    assert tokens[0::2] == alone(runner, prompts[0], 4)[0]
+    assert tokens[1::2] == alone(runner, prompts[2], 4)[0]

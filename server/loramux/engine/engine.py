@@ -1,8 +1,10 @@
-"""The step loop: admit, prefill, decode, stream, on one worker thread.
+"""The step loops: admit, prefill, decode, stream, on two worker threads.
 
-Each step decodes one token for every running row, then admits waiting requests into
-free rows (prefill) and merges them into the batch: continuous batching. Tokens cross to
-the gRPC event loop through each request's queue (`Request.emit`).
+The prefill thread admits waiting requests into free rows, prefills them together and
+streams their first tokens; the decode thread merges those rows into the running batch
+between steps and decodes one token for every row: continuous batching, with prompts
+never stalling the running rows. Tokens cross to the gRPC event loop through each
+request's queue (`Request.emit`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Row:
 
 
 class Engine:
-    """Owns the scheduler, the running batch and the worker thread."""
+    """Owns the scheduler, the running batch and the two worker threads."""
 
     def __init__(self, runner: Runner, store: AdapterStore, slots: AdapterSlots, metrics,
                  max_batch_size: int, max_queue: int, max_model_len: int | None,
@@ -214,11 +216,13 @@ class Engine:
         """Merge rows the prefill thread finished into the batch (their first token is out)."""
         while self._prefilled:
             rows, group = self._prefilled.popleft()
+            keep = [i for i, row in enumerate(rows) if not row.req.done]
+            if len(keep) < len(rows):  # ended at their first token (already released)
+                if not keep:
+                    continue
+                rows, group = [rows[i] for i in keep], group.select(keep)
             self.batch = merge(self.batch, group)
             self.rows += rows
-            ended = [i for i, row in enumerate(self.rows) if row.req.done]
-            if ended:  # finished at their first token: already released
-                self._remove(ended)
 
     def _decode(self) -> None:
         self.metrics.batch_size.observe(len(self.rows))
@@ -322,7 +326,7 @@ class Engine:
 
     def _finish_reason(self, row: Row, token: int) -> Finish | None:
         req = row.req
-        if token in self.runner.eos_ids:
+        if token in self.runner.eos_ids and not req.params.ignore_eos:
             return Finish.EOS
         if len(req.generated) >= req.params.max_new_tokens:
             return Finish.LENGTH

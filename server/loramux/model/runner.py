@@ -54,6 +54,14 @@ class Group:
     next_pos: list[int]  # position id of each row's next token
     slots: list[int]  # LoRA slot per row, -1 for the bare base
 
+    @torch.inference_mode()
+    def select(self, keep: list[int]) -> Group:
+        """Only rows `keep` (e.g. without those that ended at their first token)."""
+        idx = torch.tensor(keep, device=self.mask.device)
+        return Group([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.kv],
+                     self.mask.index_select(0, idx), [self.next_pos[i] for i in keep],
+                     [self.slots[i] for i in keep])
+
 
 class Batch:
     """Owns the KV state of the rows decoded together; index i of every list is row i.
