@@ -179,6 +179,7 @@ class BenchRequest:
     prompt: str
     prompt_tokens: int
     max_new_tokens: int
+    ignore_eos: bool = False  # generate exactly max_new_tokens (a fixed amount of work)
 
 
 def power_law_weights(n: int, alpha: float = 1.0) -> list[float]:
@@ -216,7 +217,7 @@ def make_prompt(rng: random.Random, tokens: int) -> str:
 
 def make_requests(count: int, n_adapters: int, dist: str = "powerlaw", seed: int = SEED,
                   prompt_range: tuple[int, int] = (32, 128), new_range: tuple[int, int] = (32, 128),
-                  alpha: float = 1.0) -> list[BenchRequest]:
+                  alpha: float = 1.0, ignore_eos: bool = False) -> list[BenchRequest]:
     """The same prompts and lengths for a given (count, seed) whatever the adapter mix.
 
     Prompts and lengths come from one random stream, adapter choice from another: runs
@@ -228,7 +229,7 @@ def make_requests(count: int, n_adapters: int, dist: str = "powerlaw", seed: int
     for i in range(count):
         p_len = rng.randint(*prompt_range)
         new = rng.randint(*new_range)
-        out.append(BenchRequest(i, adapters[i], make_prompt(rng, p_len), p_len, new))
+        out.append(BenchRequest(i, adapters[i], make_prompt(rng, p_len), p_len, new, ignore_eos))
     return out
 
 
@@ -425,7 +426,8 @@ def _one(client, req: BenchRequest, t0: float) -> Outcome:
 
     out = Outcome(req.index, req.adapter_id, time.perf_counter() - t0)
     try:
-        for msg in client.stream(req.prompt, req.adapter_id, max_new_tokens=req.max_new_tokens):
+        for msg in client.stream(req.prompt, req.adapter_id, max_new_tokens=req.max_new_tokens,
+                                 ignore_eos=req.ignore_eos):
             now = time.perf_counter() - t0
             if msg.token_ids:
                 if out.tokens == 0:

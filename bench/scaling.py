@@ -2,7 +2,9 @@
 
 One server per adapter count (16 device slots, batches of up to 32 rows), 32 closed-loop
 clients streaming over gRPC; the same prompts and token budgets for every count, only the
-adapter of each request changes (power-law alpha = 1 popularity, and uniform). An idle run
+adapter of each request changes (power-law alpha = 1 popularity, and uniform). Every request
+generates exactly its budget (ignore_eos): random adapters end their answers at EOS at
+different points, which would change the work per run, not only the adapter count. An idle run
 (one client, one request at a time) gives the idle time to first token.
 
     python -m bench.scaling                 # full run
@@ -37,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", default="32,128", help="min,max new tokens per request")
     p.add_argument("--prompt-tokens", default="32,128", help="min,max prompt tokens per request")
     p.add_argument("--seed", type=int, default=c.SEED)
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="let answers end at EOS (default: ignore_eos, every request generates exactly its "
+                   "max_new_tokens, so every adapter count does the same work)")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="before each run, wait up to this many seconds for other processes to leave the CPU")
     p.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
@@ -63,7 +68,8 @@ def main(argv=None) -> int:
     print(f"commit {env['commit']} ({env['server_code']}), {env['date']}")
     print(f"model {c.MODEL_NAME} nf4, {args.slots} slots, batch <= {args.max_batch_size}, "
           f"{args.clients} clients, {args.requests} requests per run, prompts {prompt_range}, "
-          f"new tokens {new_range}, greedy; logs in {work}", flush=True)
+          f"new tokens {new_range} ({'up to EOS' if args.stop_at_eos else 'exactly, ignore_eos'}), greedy; "
+          f"logs in {work}", flush=True)
 
     runs, idle = [], None
     for n in counts:
@@ -73,13 +79,15 @@ def main(argv=None) -> int:
         try:
             c.warm_up(srv.address)
             if idle is None:
-                reqs = c.make_requests(args.idle_requests, n, dists[0], args.seed, prompt_range, new_range, args.alpha)
+                reqs = c.make_requests(args.idle_requests, n, dists[0], args.seed, prompt_range, new_range, args.alpha,
+                                       ignore_eos=not args.stop_at_eos)
                 c.wait_for_quiet(args.wait_quiet)
                 idle = c.run_load(srv.address, reqs, concurrency=1, server_pid=srv.proc.pid)
                 print(f"idle (N={n}, 1 client): TTFT p50 {idle.ttft_p50_ms:.0f} ms, "
                       f"TPOT p50 {idle.tpot_p50_ms:.1f} ms, {idle.tokens_per_s:.1f} tok/s", flush=True)
             for dist in dists:
-                reqs = c.make_requests(args.requests, n, dist, args.seed, prompt_range, new_range, args.alpha)
+                reqs = c.make_requests(args.requests, n, dist, args.seed, prompt_range, new_range, args.alpha,
+                                       ignore_eos=not args.stop_at_eos)
                 c.wait_for_quiet(args.wait_quiet)
                 before = c.server_counters(srv)
                 res = c.run_load(srv.address, reqs, concurrency=args.clients, server_pid=srv.proc.pid)

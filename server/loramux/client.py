@@ -73,8 +73,10 @@ class Retry:
 
 
 def sampling(max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float | None = None,
-             top_k: int = 0, seed: int = 0, stop: list[str] | None = None) -> pb.SamplingParams:
-    params = pb.SamplingParams(temperature=temperature, top_k=top_k, seed=seed, stop=stop or [])
+             top_k: int = 0, seed: int = 0, stop: list[str] | None = None,
+             ignore_eos: bool = False) -> pb.SamplingParams:
+    params = pb.SamplingParams(temperature=temperature, top_k=top_k, seed=seed, stop=stop or [],
+                               ignore_eos=ignore_eos)
     if max_new_tokens is not None:
         params.max_new_tokens = max_new_tokens
     if top_p is not None:

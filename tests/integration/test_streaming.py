@@ -66,6 +66,10 @@ def test_eos_ends_stream(server):
             if finishes[-1] == pb.FINISH_REASON_EOS:
                 assert tokens[-1] == eos_id and eos_id not in tokens[:-1]
                 assert "</s>" not in text
+                # ignore_eos: the same prompt goes on to max_new_tokens, the same tokens first
+                _, longer, finishes = collect(client.stream(prompt, max_new_tokens=64, ignore_eos=True))
+                assert finishes[-1] == pb.FINISH_REASON_LENGTH and len(longer) == 64
+                assert longer[: len(tokens)] == tokens
                 return
     pytest.fail("no prompt ended with EOS; the test model should produce one")
 

@@ -22,4 +22,4 @@ def test_wire_contract_field_numbers():
     assert fields == {"text": 1, "token_ids": 2, "finish_reason": 3, "prompt_tokens": 4,
                       "generated_tokens": 5, "adapter_id": 6}
     assert {f.name: f.number for f in pb.SamplingParams.DESCRIPTOR.fields} == {
-        "max_new_tokens": 1, "temperature": 2, "top_p": 3, "top_k": 4, "seed": 5, "stop": 6}
+        "max_new_tokens": 1, "temperature": 2, "top_p": 3, "top_k": 4, "seed": 5, "stop": 6, "ignore_eos": 7}

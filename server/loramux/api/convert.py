@@ -29,7 +29,7 @@ def params_from_pb(req: pb.GenerateRequest, default_max_new: int, limit: int) ->
     if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
         raise InvalidArgument(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
     return Params(max_new_tokens=max_new, temperature=float(p.temperature), top_p=float(top_p),
-                  top_k=int(p.top_k), seed=int(p.seed) or None, stop=stop)
+                  top_k=int(p.top_k), seed=int(p.seed) or None, stop=stop, ignore_eos=p.ignore_eos)
 
 
 def stream_from_event(event: Event) -> pb.GenerateStreamResponse:

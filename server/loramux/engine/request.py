@@ -28,6 +28,7 @@ class Params:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate to max_new_tokens even past EOS
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Request:
         return self.deadline is not None and now >= self.deadline
 
     def emit(self, event: Event) -> None:
-        """Hand an event to the request's event loop (called from the engine thread)."""
+        """Hand an event to the request's event loop (called from the engine's threads)."""
         if event.finish is not None or event.error is not None:
             self.done = True
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
