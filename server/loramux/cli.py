@@ -58,7 +58,7 @@ def _serve_parser(sub) -> None:
     _add(p, "--max-queue", int, 256, "waiting requests before RESOURCE_EXHAUSTED")
     _add(p, "--max-prefill-tokens", int, 512, "tokens (rows x longest prompt) prefilled together; "
          "smaller starts the first rows of a burst sooner, larger spends less per token")
-    _add(p, "--max-slot-wait", float, 1.0, "seconds a request may wait for a device slot before the "
+    _add(p, "--max-slot-wait", float, 10.0, "seconds a request may wait for a device slot before the "
          "resident adapters with the fewest rows stop taking new rows, so their slots turn over")
     _add(p, "--max-new-tokens-limit", int, 1024, "largest max_new_tokens accepted")
     _add(p, "--default-max-new-tokens", int, 64, "max_new_tokens when a request leaves it unset")

@@ -30,7 +30,7 @@ class ServerConfig:
     torch_threads: int = 0  # per engine thread (prefill, decode); 0: half the CPU's cores on CPU
     max_queue: int = 256
     max_prefill_tokens: int = 512  # one prefill's rows x longest prompt (one long prompt always fits)
-    max_slot_wait: float = 1.0  # seconds a request waits for a slot before resident adapters drain
+    max_slot_wait: float = 10.0  # seconds a request waits for a slot before resident adapters drain
     max_new_tokens_limit: int = 1024
     default_max_new_tokens: int = 64
     max_model_len: int | None = None  # None: the model's max_position_embeddings

@@ -60,7 +60,7 @@ class Engine:
     def __init__(self, runner: Runner, store: AdapterStore, slots: AdapterSlots, metrics,
                  max_batch_size: int, max_queue: int, max_model_len: int | None,
                  registry_path: Path | None = None, log_requests: bool = False,
-                 max_slot_wait: float = 1.0, max_prefill_tokens: int | None = None) -> None:
+                 max_slot_wait: float = 10.0, max_prefill_tokens: int | None = None) -> None:
         self.log_requests = log_requests
         self.registry_path = registry_path  # where RPC registrations persist across restarts
         self.runner = runner
