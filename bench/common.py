@@ -318,6 +318,7 @@ class Outcome:
     last: float = math.nan
     tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # arrival of each token
     error: str = ""
 
     @property
@@ -347,6 +348,8 @@ class LoadResult:
     latency_p50_s: float
     ttft_all_p50_ms: float  # including the start-up burst
     ttft_all_p99_ms: float
+    steady_tokens_per_s: float = math.nan  # while every client is busy (no ramp-up, no tail)
+    steady_window_s: float = math.nan
     foreign_cpu: float = math.nan  # cores used by other processes during the run
     client_cpu: float = math.nan  # cores used by this process (the 32 client threads) during the run
     server_cpu: float = math.nan  # cores used by the server process during the run
@@ -417,8 +420,24 @@ def summarize(done: list[Outcome], n_requests: int, concurrency: int, wall: floa
         latency_p50_s=percentile([o.last - o.sent for o in steady], 50),
         ttft_all_p50_ms=1e3 * percentile([o.ttft for o in ok], 50),
         ttft_all_p99_ms=1e3 * percentile([o.ttft for o in ok], 99),
+        **_steady(ok, n_requests, concurrency),
         outcomes=done,
     )
+
+
+def _steady(ok: list[Outcome], n_requests: int, concurrency: int) -> dict:
+    """Tokens/s while every client is busy: from the first token of the last request of the
+    first wave (every client's first request is running) to the sending of the last request
+    (after it, each client that finishes has nothing left to send). What a server under
+    sustained load delivers, without the ramp-up and the tail a finite run adds."""
+    if n_requests <= concurrency or len(ok) < n_requests:
+        return {}
+    start = max(o.first for o in ok if o.index < concurrency)
+    end = max(o.sent for o in ok)
+    if end <= start:
+        return {}
+    tokens = sum(1 for o in ok for t in o.token_times if start <= t < end)
+    return {"steady_tokens_per_s": tokens / (end - start), "steady_window_s": end - start}
 
 
 def _one(client, req: BenchRequest, t0: float) -> Outcome:
@@ -434,6 +453,7 @@ def _one(client, req: BenchRequest, t0: float) -> Outcome:
                     out.first = now
                 out.tokens += len(msg.token_ids)
                 out.token_ids.extend(msg.token_ids)
+                out.token_times.extend([now] * len(msg.token_ids))
                 out.last = now
     except grpc.RpcError as exc:
         out.error = f"{exc.code().name}: {exc.details()}"
