@@ -296,15 +296,23 @@ class Engine:
             tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         except Exception as exc:
             log.exception("prefill failed")
-            for row in rows:
-                self._release(row)
-                self._fail(row.req, Internal(f"model step failed: {exc}"))
+            self._fail_prefilled(rows, exc)
             return
-        now = time.monotonic()
-        for row, token in zip(rows, tokens, strict=True):
-            self._emit_token(row, token, now)
+        try:
+            now = time.monotonic()
+            for row, token in zip(rows, tokens, strict=True):
+                self._emit_token(row, token, now)
+        except Exception as exc:  # e.g. decoding a token: the rows must not stay counted
+            log.exception("streaming first tokens failed")
+            self._fail_prefilled([r for r in rows if not r.req.done], exc)
+            return
         self._prefilled.append((rows, group))
         self._decode_wake.set()
+
+    def _fail_prefilled(self, rows: list[Row], exc: Exception) -> None:
+        for row in rows:
+            self._release(row)
+            self._fail(row.req, Internal(f"model step failed: {exc}"))
 
     def _emit_token(self, row: Row, token: int, now: float) -> bool:
         """Append a row's new token and stream it; True (and the row released) if it ended."""
