@@ -99,3 +99,14 @@ def test_selected_group_rows_decode_as_alone(runner):
         tokens += [int(step[0].argmax()), int(step[1].argmax())]
     assert tokens[0::2] == alone(runner, prompts[0], 4)[0]
     assert tokens[1::2] == alone(runner, prompts[2], 4)[0]
+
+
+def test_a_wide_join_widens_the_buffers_without_growing_their_rows(runner, monkeypatch):
+    monkeypatch.setattr(runner_mod, "LEFT_ROOM", 0)
+    _, short = runner.prefill([ids(runner, b"hi")], [-1])
+    batch = merge(None, short)
+    rows = batch.mask.shape[0]
+    _, wide = runner.prefill([ids(runner, b"a prompt far wider than the live window")], [-1])
+    batch = merge(batch, wide)
+    assert batch.size == 2 and batch.mask.shape[0] == rows
+    assert batch.hi - batch.lo == len(ids(runner, b"a prompt far wider than the live window"))

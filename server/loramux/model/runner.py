@@ -92,10 +92,6 @@ class Batch:
     def size(self) -> int:
         return self.n
 
-    @property
-    def rows_free(self) -> int:
-        return self.mask.shape[0] - self.n
-
     def _empty(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
         heads, dim = self._shape
         z = {"dtype": self._dtype, "device": self._device}
@@ -125,8 +121,9 @@ class Batch:
         """Copy a prefilled group into free rows, right-aligned to the live columns."""
         k, width = group.mask.shape
         rows = self.mask.shape[0]
-        if self.n + k > rows or self.hi - width < 0:
-            self._relayout(max(self.n + k, 2 * rows, 8), max(width - (self.hi - self.lo), 0) + LEFT_ROOM)
+        if self.n + k > rows or self.hi - width < 0:  # rows grow geometrically, only when short
+            rows = rows if self.n + k <= rows else max(self.n + k, 2 * rows, 8)
+            self._relayout(rows, max(width - (self.hi - self.lo), 0) + LEFT_ROOM)
         start, new = self.hi - width, slice(self.n, self.n + k)
         if start < self.lo:  # the window widens left: those columns are padding for old rows
             self.mask[: self.n, start : self.lo] = 0
