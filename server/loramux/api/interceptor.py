@@ -110,7 +110,9 @@ def _wrap_stream(behavior, method, count):
             check_parsed(request)
             async for response in behavior(request, context):
                 yield response
-        except asyncio.CancelledError:
+        # A client that cancels while the handler waits at `yield` closes this generator
+        # (GeneratorExit); while it waits for the engine, the task is cancelled instead.
+        except (asyncio.CancelledError, GeneratorExit):
             count("CANCELLED")
             raise
         except Exception as exc:
