@@ -2,8 +2,8 @@
 
 LORAMUX_FAULTS is a comma-separated list of
   step:MARKER          a prefill step raises when a prompt in it contains MARKER
-  crash:MARKER         the engine step raises outside its own error handling while a
-                       row whose prompt contains MARKER runs (the last-resort path)
+  crash:MARKER         the decode loop raises outside its own error handling when a
+                       row whose prompt contains MARKER joins the batch (the last-resort path)
   load-oom:ID:N        the first N loads of adapter ID raise out-of-memory
 """
 

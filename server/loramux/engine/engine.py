@@ -200,8 +200,6 @@ class Engine:
             try:
                 self._join_prefilled()
                 self._drop_gone_rows()
-                if any(r.req.inject_fault == "crash" for r in self.rows):
-                    raise faults.InjectedFault("injected engine crash")
                 if self.rows:
                     self._decode()
             except Exception as exc:  # never let the loop die
@@ -223,6 +221,8 @@ class Engine:
                 rows, group = [rows[i] for i in keep], group.select(keep)
             self.batch = merge(self.batch, group)
             self.rows += rows
+            if any(r.req.inject_fault == "crash" for r in rows):  # checked once per row, not per step
+                raise faults.InjectedFault("injected engine crash")
 
     def _decode(self) -> None:
         self.metrics.batch_size.observe(len(self.rows))
@@ -257,7 +257,7 @@ class Engine:
         now = time.monotonic()
         with self._lock:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
-            free = self.max_batch_size - sum(self._admitted.values())
+            free = self.max_batch_size - self._admitted.total()
             picked = (self.scheduler.pick(free, self._admitted, self.slots.num_slots, now, self.max_prefill_tokens)
                       if free > 0 else [])
             self._admitted.update(r.adapter_id for r in picked)
