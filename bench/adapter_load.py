@@ -37,10 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=300, help="timed acquires per (rank, tier)")
     p.add_argument("--max-lora-rank", type=int, default=64, help="slot rank, as the server's flag")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--wait-quiet", type=float, default=0.0,
-                   help="before each measurement, wait up to this many seconds for other processes to leave the CPU")
-    p.add_argument("--snapshot", nargs="?", const="HEAD", metavar="REV",
-                   help="benchmark a commit (default HEAD, extracted with git archive), not the working tree")
+    c.add_run_options(p)  # --wait-quiet, --snapshot
     p.add_argument("--quick", action="store_true", help="smoke run: 30 iterations")
     args = p.parse_args(argv)
     if args.quick:

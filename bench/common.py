@@ -248,6 +248,15 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) else math.nan
 
 
+def add_run_options(p) -> None:
+    """The options every benchmark script takes: --wait-quiet and --snapshot."""
+    p.add_argument("--wait-quiet", type=float, default=0.0,
+                   help="before each run or measurement, wait up to this many seconds for other "
+                   "processes to leave the CPU")
+    p.add_argument("--snapshot", nargs="?", const="HEAD", metavar="REV",
+                   help="benchmark a commit (default HEAD, extracted with git archive), not the working tree")
+
+
 # --- a shared machine ------------------------------------------------------------------
 def _busy_jiffies() -> tuple[float, float]:
     """(busy, total) CPU jiffies of the whole machine, from /proc/stat."""

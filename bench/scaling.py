@@ -42,11 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-at-eos", action="store_true",
                    help="let answers end at EOS (default: ignore_eos, every request generates exactly its "
                    "max_new_tokens, so every adapter count does the same work)")
-    p.add_argument("--wait-quiet", type=float, default=0.0,
-                   help="before each run, wait up to this many seconds for other processes to leave the CPU")
     p.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
-    p.add_argument("--snapshot", nargs="?", const="HEAD", metavar="REV",
-                   help="benchmark a commit (default HEAD, extracted with git archive), not the working tree")
+    c.add_run_options(p)  # --wait-quiet, --snapshot
     p.add_argument("--quick", action="store_true", help="smoke run: 1 and 8 adapters, 32 short requests")
     args = p.parse_args(argv)
     if args.quick:

@@ -39,11 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", default="32,128", help="min,max new tokens per request")
     p.add_argument("--prompt-tokens", default="32,128", help="min,max prompt tokens per request")
     p.add_argument("--no-host-cache-run", action="store_true", help="skip the run without a host cache")
-    p.add_argument("--wait-quiet", type=float, default=0.0,
-                   help="before each run, wait up to this many seconds for other processes to leave the CPU")
     p.add_argument("--seed", type=int, default=c.SEED)
-    p.add_argument("--snapshot", nargs="?", const="HEAD", metavar="REV",
-                   help="benchmark a commit (default HEAD, extracted with git archive), not the working tree")
+    c.add_run_options(p)  # --wait-quiet, --snapshot
     p.add_argument("--quick", action="store_true", help="smoke run: 32 adapters, 4 slots, 48 short requests")
     args = p.parse_args(argv)
     if args.quick:
