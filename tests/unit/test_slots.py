@@ -90,18 +90,35 @@ def test_unregistered_while_pinned_frees_slot_on_release(setup):
         slots.acquire("a")
 
 
-def test_stacked_and_gathered_ways_agree(setup, monkeypatch):
+def reference(model, x, row_slots, ctx):
+    """Each row alone: base + scaling * x A^T B^T, from the layer's own slot tensors."""
+    layer = model.layers[0]
+    rows = []
+    for row, s in enumerate(row_slots):
+        y = layer.base(x[row])
+        if s >= 0:
+            r = ctx.ranks[s]
+            y = y + (x[row] @ layer.lora_a[s, :r].T @ layer.lora_bt[s, :r]) * layer.scaling[s]
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(("adapters", "columns", "way"), [
+    ("ab", 512, "all slots"),  # both slots used: the slot tensors' views, no copy
+    ("a", 512, "stacked"),  # one slot of two: copy just that one
+    ("ab", 0, "gathered"),
+])
+def test_every_way_gives_each_row_its_own_adapter(setup, monkeypatch, adapters, columns, way):
     from loramux.lora import layers
 
     model, ctx, slots, _ = setup
+    monkeypatch.setattr(layers, "STACKED_MAX_COLUMNS", columns)
     x = torch.randn(4, 3, IN)
-    row_slots = [slots.acquire("a"), -1, slots.acquire("b"), 0]
-    outs = []
-    for columns in (layers.STACKED_MAX_COLUMNS, 0):  # 0: force the gathered way
-        monkeypatch.setattr(layers, "STACKED_MAX_COLUMNS", columns)
-        ctx.set(row_slots, torch.device("cpu"))
-        assert (ctx.onehot is not None) == (columns > 0)
-        outs.append(model(x))
-    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    acquired = [slots.acquire(name) for name in adapters]
+    row_slots = [acquired[0], -1, acquired[-1], acquired[0]]
+    ctx.set(row_slots, torch.device("cpu"))
+    assert way == ("gathered" if ctx.onehot is None else "all slots" if ctx.uniq is None else "stacked")
+    out = model(x)
+    assert torch.allclose(out, reference(model, x, row_slots, ctx), atol=1e-5)
     ctx.set([-1] * 4, torch.device("cpu"))
-    assert torch.equal(outs[0][1], model(x)[1])  # the bare-base row is the base, bit for bit
+    assert torch.equal(out[1], model(x)[1])  # the bare-base row is the base, bit for bit

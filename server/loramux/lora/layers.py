@@ -4,12 +4,16 @@ A batch row carries its slot index; the LoRA term of the whole batch takes a fix
 of tensor ops per layer, whatever the number of distinct adapters in it (the BGMV/SGMV
 idea in plain torch). Loading an adapter is a copy into these tensors, not module surgery.
 
-Two ways to apply it, chosen per forward by the batch's shape:
-- *stacked* (few distinct adapters x rank): gather the batch's distinct adapters once,
-  run every row through all of them in two matmuls, keep each row's own block by a
-  0/1 mask. No per-row copies of A and B.
+Three ways to apply it, chosen once per forward by the batch's shape:
+- *all slots* (the batch uses at least half of a small slot table): run every row through
+  every slot in two matmuls on views of the slot tensors, keep each row's own block by a
+  0/1 mask. No copies at all.
+- *stacked* (few distinct adapters x rank): the same on a copy of just the batch's
+  distinct adapters.
 - *gathered* (many distinct adapters x high rank): gather each row's own A and B and
   run two batched matmuls, so the work stays proportional to rank, not to adapters.
+B is stored transposed ([rank, out] per slot) so that every way reads it without a
+permuted copy.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import threading
 import torch
 from torch import nn
 
-STACKED_MAX_COLUMNS = 512  # distinct adapters x rank up to which the stacked way is cheaper
+STACKED_MAX_COLUMNS = 512  # distinct adapters x rank up to which the stacked ways are cheaper
 
 
 class RowSlots(threading.local):
@@ -30,12 +34,14 @@ class RowSlots(threading.local):
     AdapterSlots) is the one list all threads share.
     """
 
-    def __init__(self, ranks: list[int]) -> None:
+    def __init__(self, ranks: list[int], max_rank: int) -> None:
         self.ranks = ranks
+        self.max_rank = max_rank
         self.active = False  # any row uses an adapter
         self.rank = 0  # the largest rank among the batch's slots: the only columns worth touching
-        self.uniq: torch.Tensor | None = None  # [u] long: the batch's distinct slots
-        self.onehot: torch.Tensor | None = None  # [B, u]: 1 where row b uses uniq[u] (stacked way)
+        self.uniq: torch.Tensor | None = None  # [u] long: the batch's distinct slots (stacked way)
+        self.onehot: torch.Tensor | None = None  # [B, u]: 1 where row b uses uniq[u] (u: all slots
+        #                                           when uniq is None); None: the gathered way
         self.row_slot: torch.Tensor | None = None  # [B] long: row's slot, 0 for base rows (gathered way)
         self.row_on: torch.Tensor | None = None  # [B]: 1 for rows with an adapter, 0 for the bare base
         self.used: list[int] | None = None  # the batch's distinct slots, as Python ints
@@ -48,19 +54,26 @@ class RowSlots(threading.local):
         if not used:
             return
         self.rank = max(self.ranks[s] for s in used)
-        self.uniq = torch.tensor(used, dtype=torch.long, device=device)
-        on = [1.0 if s >= 0 else 0.0 for s in row_slots]
-        self.row_on = torch.tensor(on, device=device)
-        if len(used) * self.rank <= STACKED_MAX_COLUMNS:
-            index = {s: i for i, s in enumerate(used)}
-            onehot = torch.zeros(len(row_slots), len(used))
-            for row, s in enumerate(row_slots):
-                if s >= 0:
-                    onehot[row, index[s]] = 1.0
-            self.onehot, self.row_slot = onehot.to(device), None
+        columns, all_columns = len(used) * self.rank, len(self.ranks) * self.max_rank
+        if all_columns <= min(STACKED_MAX_COLUMNS, 2 * columns):  # all slots: no copy, little waste
+            self.uniq, self.rank = None, self.max_rank
+            self.onehot = self._onehot(row_slots, {s: s for s in used}, len(self.ranks), device)
+        elif columns <= STACKED_MAX_COLUMNS:
+            self.uniq = torch.tensor(used, dtype=torch.long, device=device)
+            self.onehot = self._onehot(row_slots, {s: i for i, s in enumerate(used)}, len(used), device)
         else:
-            self.onehot = None
+            self.uniq = self.onehot = None
             self.row_slot = torch.tensor([max(s, 0) for s in row_slots], dtype=torch.long, device=device)
+            self.row_on = torch.tensor([1.0 if s >= 0 else 0.0 for s in row_slots], device=device)
+
+    @staticmethod
+    def _onehot(row_slots: list[int], column: dict[int, int], width: int,
+                device: torch.device) -> torch.Tensor:
+        onehot = torch.zeros(len(row_slots), width)
+        for row, s in enumerate(row_slots):
+            if s >= 0:
+                onehot[row, column[s]] = 1.0
+        return onehot.to(device)
 
 
 class StackedLoraLinear(nn.Module):
@@ -75,7 +88,7 @@ class StackedLoraLinear(nn.Module):
         self.out_features = base.out_features
         z = {"dtype": dtype, "device": device}
         self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, self.in_features, **z))
-        self.register_buffer("lora_b", torch.zeros(num_slots, self.out_features, max_rank, **z))
+        self.register_buffer("lora_bt", torch.zeros(num_slots, max_rank, self.out_features, **z))  # B^T
         # Folded into B at load time would change rounding against PEFT; keep it apart.
         self.register_buffer("scaling", torch.zeros(num_slots, **z))  # [slots]
         self.filled = [False] * num_slots
@@ -86,28 +99,32 @@ class StackedLoraLinear(nn.Module):
         # adapters leave the MLP layers' slots empty).
         if not self.ctx.active or not any(self.filled[s] for s in self.ctx.used):
             return y
-        ctx, r = self.ctx, self.ctx.rank
+        ctx = self.ctx
         xs = x.to(self.lora_a.dtype)  # [B, T, in]
         if ctx.onehot is not None:
-            delta = self._stacked(xs, ctx.uniq, ctx.onehot, r)
+            delta, scale = self._stacked(xs, ctx)
         else:
-            delta = self._gathered(xs, ctx.row_slot, r)
+            delta, scale = self._gathered(xs, ctx)
         # Per-row scaling after B, as PEFT orders it; 0 for bare-base rows, so y is unchanged.
-        scale = self.scaling[ctx.row_slot] if ctx.onehot is None else ctx.onehot @ self.scaling[ctx.uniq]
-        delta = delta * (scale * ctx.row_on).view(-1, 1, 1)
-        return y + delta.to(y.dtype)
+        return y + (delta * scale.view(-1, 1, 1)).to(y.dtype)
 
-    def _stacked(self, xs: torch.Tensor, uniq: torch.Tensor, onehot: torch.Tensor, r: int) -> torch.Tensor:
+    def _stacked(self, xs: torch.Tensor, ctx: RowSlots) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, _ = xs.shape
-        u = uniq.numel()
-        a = self.lora_a[uniq, :r].reshape(u * r, self.in_features)  # [u*r, in]
-        bt = self.lora_b[uniq, :, :r].permute(0, 2, 1).reshape(u * r, self.out_features)  # [u*r, out]
+        r, onehot = ctx.rank, ctx.onehot
+        u = onehot.shape[1]
+        if ctx.uniq is None:  # every slot, full rank: views, no copy
+            a, bt, scaling = self.lora_a, self.lora_bt, self.scaling
+        else:
+            a, bt = self.lora_a[ctx.uniq, :r], self.lora_bt[ctx.uniq, :r]
+            scaling = self.scaling[ctx.uniq]
+        a, bt = a.reshape(u * r, self.in_features), bt.reshape(u * r, self.out_features)
         h = (xs @ a.T).view(b, t, u, r) * onehot.view(b, 1, u, 1)  # each row keeps its own block
-        return h.view(b, t, u * r) @ bt  # [B, T, out]
+        return h.view(b, t, u * r) @ bt, onehot @ scaling  # [B, T, out], [B]
 
-    def _gathered(self, xs: torch.Tensor, row_slot: torch.Tensor, r: int) -> torch.Tensor:
+    def _gathered(self, xs: torch.Tensor, ctx: RowSlots) -> tuple[torch.Tensor, torch.Tensor]:
+        r, row_slot = ctx.rank, ctx.row_slot
         h = torch.bmm(xs, self.lora_a[:, :r][row_slot].transpose(1, 2))  # [B, T, r]
-        return torch.bmm(h, self.lora_b[:, :, :r][row_slot].transpose(1, 2))  # [B, T, out]
+        return torch.bmm(h, self.lora_bt[:, :r][row_slot]), self.scaling[row_slot] * ctx.row_on
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None,
@@ -116,15 +133,15 @@ class StackedLoraLinear(nn.Module):
         if a is None or b is None:
             if self.filled[slot]:
                 self.lora_a[slot].zero_()
-                self.lora_b[slot].zero_()
+                self.lora_bt[slot].zero_()
                 self.scaling[slot] = 0.0
                 self.filled[slot] = False
             return
         r = a.shape[0]
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
         self.lora_a[slot, r:].zero_()
-        self.lora_b[slot, :, :r].copy_(b, non_blocking=True)
-        self.lora_b[slot, :, r:].zero_()
+        self.lora_bt[slot, :r].copy_(b.T, non_blocking=True)
+        self.lora_bt[slot, r:].zero_()
         self.scaling[slot] = scaling
         self.filled[slot] = True
 
@@ -141,7 +158,7 @@ def attach_stacked_lora(model: nn.Module, num_slots: int, max_rank: int, dtype: 
     Returns the shared row->slot context and the wrapped layers by module name (the name
     PEFT uses in its adapter files, e.g. `model.layers.0.self_attn.q_proj`).
     """
-    ctx = RowSlots(ranks=[0] * num_slots)
+    ctx = RowSlots(ranks=[0] * num_slots, max_rank=max_rank)
     names = [n for n, m in model.named_modules() if is_linear(m) and ".layers." in f".{n}"]
     wrapped: dict[str, StackedLoraLinear] = {}
     for name in names:
