@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from loramux.lora.layers import attach_stacked_lora
+from loramux.model.quant import lean_4bit
 
 LEFT_ROOM = 64  # free columns kept left of the live window, for joining prompts wider than it
 RIGHT_ROOM = 64  # at least this many free columns kept right of it, for decode steps
@@ -189,6 +190,7 @@ class Runner:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        lean_4bit(model)  # before wrapping: the LoRA layers call the base layers' forward
         self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device)
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)

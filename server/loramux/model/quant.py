@@ -1,0 +1,104 @@
+"""A lean inference forward for bitsandbytes' 4-bit linear layers on the CPU.
+
+bitsandbytes' CPU path dequantizes the 4-bit weight into a new float32 tensor at every
+call, through several layers of Python dispatch (autograd function, op registry, nested
+absmax), then runs `F.linear`. On a decode step of the benchmark model that dispatch is
+~5 of ~60 ms. `lean_4bit` calls the same C kernels, into one scratch buffer per thread,
+then the same `F.linear`: the same numbers, less overhead. Where it does not apply (not
+CPU, not float32, training, an unknown layout) bitsandbytes' own forward runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_KERNELS = {"nf4": "cdequantize_blockwise_cpu_nf4_fp32", "fp4": "cdequantize_blockwise_cpu_fp4_fp32"}
+
+
+class _Scratch(threading.local):
+    """Float32 buffers reused by every layer's dequantize on this thread (a prefill and
+    a decode step run on two threads at once)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = torch.empty(numel, dtype=torch.float32)
+        return buf[:numel]
+
+
+_scratch = _Scratch()
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _lib():
+    try:
+        from bitsandbytes.cextension import lib
+    except ImportError:
+        return None
+    names = (*_KERNELS.values(), "cdequantize_blockwise_cpu_fp32")
+    return lib if all(hasattr(lib, n) for n in names) else None
+
+
+def _eligible(module) -> bool:
+    qs = getattr(getattr(module, "weight", None), "quant_state", None)
+    return (qs is not None and module.weight.device.type == "cpu" and module.compute_dtype == torch.float32
+            and qs.quant_type in _KERNELS and qs.blocksize < 2048 and len(qs.shape) == 2
+            and qs.shape[1] % 2 == 0 and module.weight.dtype == torch.uint8
+            and not getattr(qs, "packing_format_for_cpu", False)
+            and (not qs.nested or qs.state2.absmax.dtype == torch.float32))
+
+
+def _absmax(qs, lib) -> torch.Tensor:
+    """The per-block float32 scales; nested (double-quantized) ones are dequantized first."""
+    if not qs.nested:
+        return qs.absmax
+    out = _scratch.get("absmax", qs.absmax.numel())
+    lib.cdequantize_blockwise_cpu_fp32(_ptr(qs.state2.code), _ptr(qs.absmax), _ptr(qs.state2.absmax), _ptr(out),
+                                       ctypes.c_longlong(qs.state2.blocksize), ctypes.c_longlong(out.numel()))
+    return out.add_(qs.offset)
+
+
+def _lean_forward(module, fallback: Callable, lib) -> Callable:
+    kernel = getattr(lib, _KERNELS[module.weight.quant_state.quant_type])
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        qs = module.weight.quant_state
+        if x.dtype != torch.float32 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return fallback(x)
+        rows, cols = qs.shape
+        absmax = _absmax(qs, lib)
+        weight = _scratch.get("weight", rows * cols).view(rows, cols)
+        kernel(_ptr(module.weight), _ptr(absmax), _ptr(weight), ctypes.c_longlong(qs.blocksize),
+               ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+        return F.linear(x, weight, module.bias)
+
+    return forward
+
+
+def lean_4bit(model: torch.nn.Module) -> int:
+    """Give every eligible bitsandbytes 4-bit linear of `model` the lean forward; returns
+    how many. Inference only: a call that needs gradients takes bitsandbytes' path."""
+    lib = _lib()
+    if lib is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if _eligible(module):
+            module.forward = _lean_forward(module, module.forward, lib)
+            count += 1
+    log.debug("lean 4-bit forward on %d layers", count)
+    return count
