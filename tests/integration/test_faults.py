@@ -150,7 +150,8 @@ def test_sigterm_drains(tmp_path):
 
 def test_expired_requests_never_reach_the_device(server):
     with server.client() as c:
-        busy = [c.stream("Once upon a time", "steady", max_new_tokens=120) for _ in range(4)]  # all 4 rows
+        # All 4 rows, held well past the 3 x 0.3 s below (ignore_eos: a random adapter may stop early).
+        busy = [c.stream("Once upon a time", "steady", max_new_tokens=600, ignore_eos=True) for _ in range(4)]
         for s in busy:
             next(s)
         admitted_before = server.metrics()["loramux_queue_wait_seconds_count"]
