@@ -33,21 +33,22 @@ log = logging.getLogger("loramux")
 SERVICES = ("loramux.v1.Generation", "loramux.v1.AdapterRegistry")
 
 
-def set_torch_threads(threads: int, device) -> None:
-    """Prefill and decode run at once on two threads; on CPU each gets half the cores, so
-    their OpenMP teams do not fight over them (on 2 cores, 1 thread each gave more tokens/s
-    than 2 each: bench/README.md)."""
+def engine_threads(threads: int, device) -> int:
+    """Torch threads for each of the two engine threads (prefill, decode), which run at
+    once: on CPU each gets half the cores by default, so their OpenMP teams do not fight
+    over them (bench/README.md). 0 on CUDA: torch's default."""
     if threads == 0 and device.type == "cpu":
         threads = max(1, len(os.sched_getaffinity(0)) // 2)
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # this thread's (loading); each engine thread sets its own
+    return threads
 
 
 def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     """Load the base, attach LoRA slots, and make the adapter tiers and the engine."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.compute_dtype, device)
-    set_torch_threads(cfg.torch_threads, device)
+    threads = engine_threads(cfg.torch_threads, device)
     started = time.perf_counter()
     model, tokenizer = load_base(ModelSpec(cfg.model, cfg.quantization, device, dtype))
     runner = Runner(model, tokenizer, cfg.max_active_adapters, cfg.max_lora_rank, device, dtype)
@@ -62,7 +63,8 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     slots = AdapterSlots(store, runner.layers, cfg.max_active_adapters, cfg.host_cache_bytes, metrics)
     return Engine(runner, store, slots, metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_model_len,
                   registry_path=cfg.adapter_dir / registry_file.FILE_NAME, log_requests=cfg.log_requests,
-                  max_slot_wait=cfg.max_slot_wait, max_prefill_tokens=cfg.max_prefill_tokens)
+                  max_slot_wait=cfg.max_slot_wait, max_prefill_tokens=cfg.max_prefill_tokens,
+                  torch_threads=threads, lend_cores=cfg.lend_cores and device.type == "cpu")
 
 
 class App:

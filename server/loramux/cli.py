@@ -55,6 +55,8 @@ def _serve_parser(sub) -> None:
     _add(p, "--max-batch-size", int, 16, "rows decoded together")
     _add(p, "--torch-threads", int, 0, "torch threads for each of the two engine threads (prefill and "
          "decode run side by side); 0: half the usable cores on CPU, torch's default on CUDA")
+    _add(p, "--lend-cores", bool, True, "CPU: decode steps use the prefill thread's torch threads too "
+         "while no prompt is being prefilled")
     _add(p, "--max-queue", int, 256, "waiting requests before RESOURCE_EXHAUSTED")
     _add(p, "--max-prefill-tokens", int, 512, "tokens (rows x longest prompt) prefilled together; "
          "smaller starts the first rows of a burst sooner, larger spends less per token")
@@ -139,7 +141,8 @@ def _serve(args) -> int:
             adapter_dir=args.adapter_dir, allow_adapter_roots=tuple(Path(p) for p in args.allow_adapter_root),
             max_active_adapters=args.max_active_adapters, max_lora_rank=args.max_lora_rank,
             host_cache_bytes=args.host_cache_bytes, max_adapter_bytes=args.max_adapter_bytes,
-            max_batch_size=args.max_batch_size, torch_threads=args.torch_threads, max_queue=args.max_queue,
+            max_batch_size=args.max_batch_size, torch_threads=args.torch_threads, lend_cores=args.lend_cores,
+            max_queue=args.max_queue,
             max_slot_wait=args.max_slot_wait, max_prefill_tokens=args.max_prefill_tokens,
             max_new_tokens_limit=args.max_new_tokens_limit,
             default_max_new_tokens=args.default_max_new_tokens, max_model_len=args.max_model_len,

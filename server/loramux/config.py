@@ -28,6 +28,7 @@ class ServerConfig:
     max_adapter_bytes: int = 1 << 30
     max_batch_size: int = 16
     torch_threads: int = 0  # per engine thread (prefill, decode); 0: half the CPU's cores on CPU
+    lend_cores: bool = True  # CPU: decode steps borrow the prefill thread's cores while it idles
     max_queue: int = 256
     max_prefill_tokens: int = 512  # one prefill's rows x longest prompt (one long prompt always fits)
     max_slot_wait: float = 10.0  # seconds a request waits for a slot before resident adapters drain

@@ -17,10 +17,12 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from loramux import faults
+from loramux.engine.cores import CoreLease, set_threads
 from loramux.engine.request import Event, Finish, Params, Request
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.stream import TextStream
@@ -60,7 +62,8 @@ class Engine:
     def __init__(self, runner: Runner, store: AdapterStore, slots: AdapterSlots, metrics,
                  max_batch_size: int, max_queue: int, max_model_len: int | None,
                  registry_path: Path | None = None, log_requests: bool = False,
-                 max_slot_wait: float = 10.0, max_prefill_tokens: int | None = None) -> None:
+                 max_slot_wait: float = 10.0, max_prefill_tokens: int | None = None,
+                 torch_threads: int = 0, lend_cores: bool = False) -> None:
         self.log_requests = log_requests
         self.registry_path = registry_path  # where RPC registrations persist across restarts
         self.runner = runner
@@ -80,6 +83,11 @@ class Engine:
         self._admit_wake = threading.Event()
         self._decode_wake = threading.Event()
         self._stop = False
+        # torch's team size is per thread and a new thread starts with all cores: each
+        # worker sets its own. With `lend_cores` the decode thread borrows the prefill
+        # thread's cores between prefills (CPU).
+        self._torch_threads = torch_threads
+        self._cores = CoreLease(torch_threads, torch_threads) if lend_cores and torch_threads else None
         # Two threads: admission + prefill beside the decode steps, so a prompt never stalls
         # the running rows and a new request never waits for a decode step to start.
         self._threads = [threading.Thread(target=self._decode_loop, name="loramux-decode", daemon=True),
@@ -196,6 +204,7 @@ class Engine:
 
     # --- the decode thread --------------------------------------------------------------
     def _decode_loop(self) -> None:
+        set_threads(self._torch_threads)
         while not self._stop:
             try:
                 self._join_prefilled()
@@ -228,7 +237,13 @@ class Engine:
         self.metrics.batch_size.observe(len(self.rows))
         self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in self.rows if r.req.adapter_id}))
         try:
-            logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows])
+            if self._cores:
+                self._cores.begin_step()
+            try:
+                logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows])
+            finally:
+                if self._cores:
+                    self._cores.end_step()
             tokens = sample(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
         except Exception as exc:
             log.exception("decode step failed")
@@ -242,6 +257,7 @@ class Engine:
 
     # --- the prefill thread: admission and prefill, beside the decode steps --------------
     def _prefill_loop(self) -> None:
+        set_threads(self._torch_threads)
         while not self._stop:
             try:
                 worked = self._admit()
@@ -292,7 +308,8 @@ class Engine:
         try:
             if any(r.req.inject_fault == "step" for r in rows):
                 raise faults.InjectedFault("injected fault in a prefill step")
-            logits, group = self.runner.prefill([r.req.prompt_ids for r in rows], [r.slot for r in rows])
+            with self._cores or nullcontext():
+                logits, group = self.runner.prefill([r.req.prompt_ids for r in rows], [r.slot for r in rows])
             tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         except Exception as exc:
             log.exception("prefill failed")

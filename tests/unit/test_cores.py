@@ -1,0 +1,65 @@
+"""The decode thread borrows the prefill thread's cores only while no prefill runs."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from loramux.engine.cores import CoreLease
+
+
+def in_thread(fn):
+    """Run fn on a new thread (torch team sizes are per thread); return its result."""
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", fn()))
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    return out["r"]
+
+
+def test_steps_borrow_the_cores_unless_a_prefill_wants_them():
+    lease = CoreLease(own=1, lent=1)
+
+    def steps():
+        sizes = []
+        lease.begin_step()
+        sizes.append(torch.get_num_threads())
+        lease.end_step()
+        with lease:  # a prefill runs (here on the same thread: only the counts matter)
+            lease.begin_step()
+            sizes.append(torch.get_num_threads())
+            lease.end_step()
+        lease.begin_step()
+        sizes.append(torch.get_num_threads())
+        lease.end_step()
+        return sizes
+
+    assert in_thread(steps) == [2, 1, 2]
+
+
+def test_a_prefill_waits_for_the_borrowing_step_to_end():
+    lease = CoreLease(own=1, lent=1)
+    step_started, prefill_entered = threading.Event(), threading.Event()
+    order = []
+
+    def decode():
+        lease.begin_step()  # borrows: no prefill yet
+        step_started.set()
+        assert not prefill_entered.wait(timeout=0.3)  # the prefill is held back meanwhile
+        order.append("step ended")
+        lease.end_step()
+
+    def prefill():
+        step_started.wait(timeout=5)
+        with lease:
+            order.append("prefill")
+            prefill_entered.set()
+
+    threads = [threading.Thread(target=decode), threading.Thread(target=prefill)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert order == ["step ended", "prefill"]
