@@ -113,6 +113,7 @@ def test_every_way_gives_each_row_its_own_adapter(setup, monkeypatch, adapters, 
 
     model, ctx, slots, _ = setup
     monkeypatch.setattr(layers, "STACKED_MAX_COLUMNS", columns)
+    monkeypatch.setattr(layers, "ALL_SLOTS_MIN_SHARE", 0.5)  # 2 adapters x rank 3: 6 of 8 columns
     x = torch.randn(4, 3, IN)
     acquired = [slots.acquire(name) for name in adapters]
     row_slots = [acquired[0], -1, acquired[-1], acquired[0]]

@@ -5,7 +5,7 @@ of tensor ops per layer, whatever the number of distinct adapters in it (the BGM
 idea in plain torch). Loading an adapter is a copy into these tensors, not module surgery.
 
 Three ways to apply it, chosen once per forward by the batch's shape:
-- *all slots* (the batch uses at least half of a small slot table): run every row through
+- *all slots* (the batch uses most of a small slot table): run every row through
   every slot in two matmuls on views of the slot tensors, keep each row's own block by a
   0/1 mask. No copies at all.
 - *stacked* (few distinct adapters x rank): the same on a copy of just the batch's
@@ -24,6 +24,9 @@ import torch
 from torch import nn
 
 STACKED_MAX_COLUMNS = 512  # distinct adapters x rank up to which the stacked ways are cheaper
+# The share of a small slot table's columns a batch must use for the all-slots way to beat
+# copying just those (measured on one CPU core, 25 rows: the crossover is at ~0.8).
+ALL_SLOTS_MIN_SHARE = 0.8
 
 
 class RowSlots(threading.local):
@@ -44,6 +47,8 @@ class RowSlots(threading.local):
         #                                           when uniq is None); None: the gathered way
         self.row_slot: torch.Tensor | None = None  # [B] long: row's slot, 0 for base rows (gathered way)
         self.row_on: torch.Tensor | None = None  # [B]: 1 for rows with an adapter, 0 for the bare base
+        self.rows: torch.Tensor | None = None  # the rank rows to gather from [slots * max_rank, ...]
+        #   views of the slot tensors: uniq's first `rank` rows (stacked), row_slot's (gathered)
         self.used: list[int] | None = None  # the batch's distinct slots, as Python ints
 
     def set(self, row_slots: list[int], device: torch.device) -> None:
@@ -55,16 +60,24 @@ class RowSlots(threading.local):
             return
         self.rank = max(self.ranks[s] for s in used)
         columns, all_columns = len(used) * self.rank, len(self.ranks) * self.max_rank
-        if all_columns <= min(STACKED_MAX_COLUMNS, 2 * columns):  # all slots: no copy, little waste
+        if all_columns <= STACKED_MAX_COLUMNS and columns >= ALL_SLOTS_MIN_SHARE * all_columns:  # no copy
             self.uniq, self.rank = None, self.max_rank
             self.onehot = self._onehot(row_slots, {s: s for s in used}, len(self.ranks), device)
         elif columns <= STACKED_MAX_COLUMNS:
             self.uniq = torch.tensor(used, dtype=torch.long, device=device)
             self.onehot = self._onehot(row_slots, {s: i for i, s in enumerate(used)}, len(used), device)
+            self.rows = self._rank_rows(self.uniq)
         else:
             self.uniq = self.onehot = None
             self.row_slot = torch.tensor([max(s, 0) for s in row_slots], dtype=torch.long, device=device)
             self.row_on = torch.tensor([1.0 if s >= 0 else 0.0 for s in row_slots], device=device)
+            self.rows = self._rank_rows(self.row_slot)
+
+    def _rank_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        # One index_select of these rows from a [slots * max_rank, features] view copies just
+        # what is used, several times faster than advanced indexing of a [:, :rank] view.
+        ranks = torch.arange(self.rank, device=slots.device)
+        return (slots.view(-1, 1) * self.max_rank + ranks).view(-1)
 
     @staticmethod
     def _onehot(row_slots: list[int], column: dict[int, int], width: int,
@@ -113,18 +126,25 @@ class StackedLoraLinear(nn.Module):
         r, onehot = ctx.rank, ctx.onehot
         u = onehot.shape[1]
         if ctx.uniq is None:  # every slot, full rank: views, no copy
-            a, bt, scaling = self.lora_a, self.lora_bt, self.scaling
+            a, bt, scaling = self._flat_a(), self._flat_bt(), self.scaling
         else:
-            a, bt = self.lora_a[ctx.uniq, :r], self.lora_bt[ctx.uniq, :r]
-            scaling = self.scaling[ctx.uniq]
-        a, bt = a.reshape(u * r, self.in_features), bt.reshape(u * r, self.out_features)
+            a, bt = self._flat_a().index_select(0, ctx.rows), self._flat_bt().index_select(0, ctx.rows)
+            scaling = self.scaling.index_select(0, ctx.uniq)
         h = (xs @ a.T).view(b, t, u, r) * onehot.view(b, 1, u, 1)  # each row keeps its own block
         return h.view(b, t, u * r) @ bt, onehot @ scaling  # [B, T, out], [B]
 
     def _gathered(self, xs: torch.Tensor, ctx: RowSlots) -> tuple[torch.Tensor, torch.Tensor]:
-        r, row_slot = ctx.rank, ctx.row_slot
-        h = torch.bmm(xs, self.lora_a[:, :r][row_slot].transpose(1, 2))  # [B, T, r]
-        return torch.bmm(h, self.lora_bt[:, :r][row_slot]), self.scaling[row_slot] * ctx.row_on
+        b, r = xs.shape[0], ctx.rank
+        a = self._flat_a().index_select(0, ctx.rows).view(b, r, self.in_features)
+        bt = self._flat_bt().index_select(0, ctx.rows).view(b, r, self.out_features)
+        h = torch.bmm(xs, a.transpose(1, 2))  # [B, T, r]
+        return torch.bmm(h, bt), self.scaling.index_select(0, ctx.row_slot) * ctx.row_on
+
+    def _flat_a(self) -> torch.Tensor:
+        return self.lora_a.view(-1, self.in_features)  # [slots * max_rank, in]
+
+    def _flat_bt(self) -> torch.Tensor:
+        return self.lora_bt.view(-1, self.out_features)  # [slots * max_rank, out]
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None,
