@@ -72,9 +72,8 @@ def test_async_client(server, reference):
 
 def test_retries_with_backoff_on_overload(server):
     with Client(server.address, retry=Retry(attempts=1)) as impatient:
-        long_prompt = next(p for p in ("Once upon a time", "Hello world", "1 2 3 4", "The quick brown fox")
-                           if impatient.generate(p, max_new_tokens=200).finish_reason == pb.FINISH_REASON_LENGTH)
-        busy = [impatient.stream(long_prompt, max_new_tokens=200) for _ in range(2)]  # 1 running, 1 queued
+        # 1 running, 1 queued, both far longer than the test (ignore_eos: no early EOS).
+        busy = [impatient.stream("Once upon a time", max_new_tokens=800, ignore_eos=True) for _ in range(2)]
         next(busy[0])
         time.sleep(0.3)
         with pytest.raises(Overloaded):
