@@ -110,3 +110,14 @@ def test_a_wide_join_widens_the_buffers_without_growing_their_rows(runner, monke
     batch = merge(batch, wide)
     assert batch.size == 2 and batch.mask.shape[0] == rows
     assert batch.hi - batch.lo == len(ids(runner, b"a prompt far wider than the live window"))
+
+
+def test_decode_calls_back_before_each_decoder_layer_and_not_in_prefill(runner):
+    calls = []
+    logits, group = runner.prefill([ids(runner, b"hello")], [-1])
+    batch = merge(None, group)
+    runner.decode(batch, [int(logits.argmax(-1))], lambda: calls.append(1))
+    assert len(calls) == runner.model.config.num_hidden_layers
+    runner.prefill([ids(runner, b"again")], [-1])
+    runner.decode(batch, [1])
+    assert len(calls) == runner.model.config.num_hidden_layers  # only the step that asked

@@ -63,3 +63,31 @@ def test_a_prefill_waits_for_the_borrowing_step_to_end():
     for t in threads:
         t.join(timeout=10)
     assert order == ["step ended", "prefill"]
+
+
+def test_a_borrowing_step_hands_the_cores_back_between_layers():
+    lease = CoreLease(own=1, lent=1)
+    step_started, prefill_entered = threading.Event(), threading.Event()
+    sizes = []
+
+    def decode():
+        lease.begin_step()
+        step_started.set()
+        for _ in range(50):  # decoder layers, until the prefill got its cores
+            lease.between_layers()
+            if prefill_entered.wait(timeout=0.05):
+                break
+        sizes.append(torch.get_num_threads())  # the rest of the step: own cores only
+        lease.end_step()
+
+    def prefill():
+        step_started.wait(timeout=5)
+        with lease:
+            prefill_entered.set()
+
+    threads = [threading.Thread(target=decode), threading.Thread(target=prefill)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert prefill_entered.is_set() and sizes == [1]

@@ -3,8 +3,9 @@
 On a CPU each engine thread owns half the cores (`--torch-threads`). The decode thread is
 the busy one; the prefill thread idles between bursts of prompts. While it idles, decode
 steps run on all the cores. Before a prefill, the prefill thread takes its cores back and
-waits for the decode step that borrowed them to end: two OpenMP teams sharing cores spin
-at each other's barriers and both run about three times slower (bench/README.md).
+waits until the borrowing decode step lets go of them, at its next decoder layer: two
+OpenMP teams sharing cores spin at each other's barriers and both run about three times
+slower (bench/README.md).
 `torch.set_num_threads` is per thread, so each thread sets its own team size.
 """
 
@@ -37,6 +38,14 @@ class CoreLease:
         with self._cond:
             self._borrowed = not self._wanted
         self._set(self.own + self.lent if self._borrowed else self.own)
+
+    def between_layers(self) -> None:
+        """Within a borrowing step: if a prefill now wants its cores, hand them back at once
+        (the rest of the step runs on the decode thread's own), so a prompt waits about one
+        layer, not a whole step."""
+        if self._borrowed and self._wanted:
+            self.end_step()
+            self._set(self.own)
 
     def end_step(self) -> None:
         with self._cond:

@@ -240,7 +240,8 @@ class Engine:
             if self._cores:
                 self._cores.begin_step()
             try:
-                logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows])
+                logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows],
+                                            self._cores.between_layers if self._cores else None)
             finally:
                 if self._cores:
                     self._cores.end_step()

@@ -8,11 +8,14 @@ between steps: continuous batching.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from loramux.lora.layers import attach_stacked_lora
 from loramux.model.quant import lean_4bit
@@ -192,6 +195,10 @@ class Runner:
         self.device = device
         lean_4bit(model)  # before wrapping: the LoRA layers call the base layers' forward
         self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device)
+        self._between = threading.local()  # this thread's step's call between decoder layers
+        for layer in model.modules():
+            if isinstance(layer, GradientCheckpointingLayer):  # transformers' decoder layers
+                layer.register_forward_pre_hook(self._between_layers)
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048))
@@ -224,14 +231,25 @@ class Runner:
         return logits, Group(kv, mask, [len(p) for p in prompts], list(slots))
 
     @torch.inference_mode()
-    def decode(self, batch: Batch, tokens: list[int]) -> torch.Tensor:
-        """Feed one token per row, extend the batch's cache; return logits [B, vocab]."""
+    def decode(self, batch: Batch, tokens: list[int],
+               between_layers: Callable[[], None] | None = None) -> torch.Tensor:
+        """Feed one token per row, extend the batch's cache; return logits [B, vocab].
+        `between_layers` runs before each decoder layer (e.g. to hand back borrowed cores)."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         mask = batch.step_mask()
         positions = torch.tensor(batch.next_pos, dtype=torch.long, device=self.device).view(-1, 1)
-        logits = self._forward(ids, mask, positions, batch.cache, batch.slots)
+        self._between.call = between_layers
+        try:
+            logits = self._forward(ids, mask, positions, batch.cache, batch.slots)
+        finally:
+            self._between.call = None
         batch.stepped()
         return logits
+
+    def _between_layers(self, module, args) -> None:
+        call = getattr(self._between, "call", None)
+        if call is not None:
+            call()
 
     def _forward(self, ids, mask, positions, cache, slots) -> torch.Tensor:
         self.ctx.set(slots, self.device)
