@@ -19,6 +19,15 @@ def in_thread(fn):
     return out["r"]
 
 
+def run_together(*fns) -> None:
+    threads = [threading.Thread(target=fn) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+        assert not t.is_alive()
+
+
 def test_steps_borrow_the_cores_unless_a_prefill_wants_them():
     lease = CoreLease(own=1, lent=1)
 
@@ -57,11 +66,7 @@ def test_a_prefill_waits_for_the_borrowing_step_to_end():
             order.append("prefill")
             prefill_entered.set()
 
-    threads = [threading.Thread(target=decode), threading.Thread(target=prefill)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
+    run_together(decode, prefill)
     assert order == ["step ended", "prefill"]
 
 
@@ -85,9 +90,5 @@ def test_a_borrowing_step_hands_the_cores_back_between_layers():
         with lease:
             prefill_entered.set()
 
-    threads = [threading.Thread(target=decode), threading.Thread(target=prefill)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
+    run_together(decode, prefill)
     assert prefill_entered.is_set() and sizes == [1]
