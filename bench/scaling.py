@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-at-eos", action="store_true",
                    help="let answers end at EOS (default: ignore_eos, every request generates exactly its "
                    "max_new_tokens, so every adapter count does the same work)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="loaded runs per configuration, round-robin over all of them; the table shows medians")
     p.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
     c.add_run_options(p)  # --wait-quiet, --snapshot
     p.add_argument("--quick", action="store_true", help="smoke run: 1 and 8 adapters, 32 short requests")
@@ -68,39 +71,32 @@ def main(argv=None) -> int:
           f"new tokens {new_range} ({'up to EOS' if args.stop_at_eos else 'exactly, ignore_eos'}), greedy; "
           f"logs in {work}", flush=True)
 
-    runs, idle = [], None
-    for n in counts:
-        subset = {k: adapters[k] for k in list(adapters)[:n]}
-        srv = c.start_server(work / f"n{n}", subset, slots=args.slots, max_batch=args.max_batch_size,
-                             max_rank=max(args.rank, 8))
-        try:
-            c.warm_up(srv.address)
-            if idle is None:
-                reqs = c.make_requests(args.idle_requests, n, dists[0], args.seed, prompt_range, new_range, args.alpha,
-                                       ignore_eos=not args.stop_at_eos)
-                c.wait_for_quiet(args.wait_quiet)
-                idle = c.run_load(srv.address, reqs, concurrency=1, server_pid=srv.proc.pid)
-                print(f"idle (N={n}, 1 client): TTFT p50 {idle.ttft_p50_ms:.0f} ms, "
-                      f"TPOT p50 {idle.tpot_p50_ms:.1f} ms, {idle.tokens_per_s:.1f} tok/s", flush=True)
-            for dist in dists:
-                reqs = c.make_requests(args.requests, n, dist, args.seed, prompt_range, new_range, args.alpha,
-                                       ignore_eos=not args.stop_at_eos)
-                c.wait_for_quiet(args.wait_quiet)
-                before = c.server_counters(srv)
-                res = c.run_load(srv.address, reqs, concurrency=args.clients, server_pid=srv.proc.pid)
-                stats = c.server_stats(before, c.server_counters(srv))
-                runs.append({"adapters": n, "dist": dist, "distinct_adapters": len({r.adapter_id for r in reqs}),
-                             **res.summary(), **stats})
-                print(f"N={n:>3} {dist:>8}: {res.tokens_per_s:7.1f} tok/s, TTFT p50 {res.ttft_p50_ms:.0f} ms "
-                      f"p99 {res.ttft_p99_ms:.0f} ms, TPOT p50 {res.tpot_p50_ms:.1f} ms, errors {res.errors}, "
-                      f"misses {stats['cache_misses']:.0f}, batch {stats['batch_size_mean']:.1f} rows / "
-                      f"{stats['batch_adapters_mean']:.1f} adapters", flush=True)
-        finally:
+    servers, raw, idle = {}, [], None
+    try:
+        for n in counts:  # all servers up at once, so that repeats can go round-robin over them
+            subset = {k: adapters[k] for k in list(adapters)[:n]}
+            servers[n] = c.start_server(work / f"n{n}", subset, slots=args.slots, max_batch=args.max_batch_size,
+                                        max_rank=max(args.rank, 8))
+            c.warm_up(servers[n].address)
+        srv = servers[counts[0]]
+        reqs = c.make_requests(args.idle_requests, counts[0], dists[0], args.seed, prompt_range, new_range,
+                               args.alpha, ignore_eos=not args.stop_at_eos)
+        c.wait_for_quiet(args.wait_quiet)
+        idle = c.run_load(srv.address, reqs, concurrency=1, server_pid=srv.proc.pid)
+        print(f"idle (N={counts[0]}, 1 client): TTFT p50 {idle.ttft_p50_ms:.0f} ms, "
+              f"TPOT p50 {idle.tpot_p50_ms:.1f} ms, {idle.tokens_per_s:.1f} tok/s", flush=True)
+        for round_ in range(args.repeat):
+            for n in counts:
+                for dist in dists:
+                    raw.append({"round": round_, **_loaded_run(args, servers[n], n, dist, prompt_range, new_range)})
+    finally:
+        for srv in servers.values():
             srv.stop()
+    runs = _medians(raw)
 
     print()
     print(report(runs, idle))
-    data = {"args": vars(args), "idle": idle.summary() if idle else None, "runs": runs}
+    data = {"args": vars(args), "idle": idle.summary() if idle else None, "runs": runs, "raw_runs": raw}
     path = c.write_results("scaling" + ("-quick" if args.quick else ""), data, env)
     print(f"\nresults: {path}")
     if args.plot:
@@ -108,14 +104,45 @@ def main(argv=None) -> int:
     return 0 if all(r["errors"] == 0 for r in runs) else 1
 
 
+def _loaded_run(args, srv, n: int, dist: str, prompt_range, new_range) -> dict:
+    reqs = c.make_requests(args.requests, n, dist, args.seed, prompt_range, new_range, args.alpha,
+                           ignore_eos=not args.stop_at_eos)
+    c.wait_for_quiet(args.wait_quiet)
+    before = c.server_counters(srv)
+    res = c.run_load(srv.address, reqs, concurrency=args.clients, server_pid=srv.proc.pid)
+    stats = c.server_stats(before, c.server_counters(srv))
+    print(f"N={n:>3} {dist:>8}: {res.tokens_per_s:7.1f} tok/s, TTFT p50 {res.ttft_p50_ms:.0f} ms "
+          f"p99 {res.ttft_p99_ms:.0f} ms, TPOT p50 {res.tpot_p50_ms:.1f} ms, errors {res.errors}, "
+          f"misses {stats['cache_misses']:.0f}, batch {stats['batch_size_mean']:.1f} rows / "
+          f"{stats['batch_adapters_mean']:.1f} adapters", flush=True)
+    return {"adapters": n, "dist": dist, "distinct_adapters": len({r.adapter_id for r in reqs}),
+            **res.summary(), **stats}
+
+
+def _medians(raw: list[dict]) -> list[dict]:
+    """One row per (adapters, dist): each figure's median over the repeats (errors: the sum),
+    and the tokens/s of every repeat, so that the VM's drift shows."""
+    out = []
+    for key in dict.fromkeys((r["adapters"], r["dist"]) for r in raw):
+        group = [r for r in raw if (r["adapters"], r["dist"]) == key]
+        row = {k: (statistics.median(r[k] for r in group)
+                   if isinstance(v, int | float) and any(r[k] != v for r in group) else v)
+               for k, v in group[0].items() if k != "round"}
+        row["errors"] = sum(r["errors"] for r in group)
+        row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in group]
+        out.append(row)
+    return out
+
+
 def report(runs: list[dict], idle) -> str:
-    headers = ["adapters", "dist", "distinct", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
+    headers = ["adapters", "dist", "distinct", "tok/s", "tok/s runs", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
                "rows/step", "adapters/step", "misses", "busy cores", "x tok/s", "x TTFT p50", "x TPOT p50", "TTFT/idle"]
     rows = []
     for r in runs:
         base = next((b for b in runs if b["dist"] == r["dist"] and b["adapters"] == 1), None) or runs[0]
         rows.append([
-            r["adapters"], r["dist"], r["distinct_adapters"], r["tokens_per_s"], r["ttft_p50_ms"],
+            r["adapters"], r["dist"], r["distinct_adapters"], r["tokens_per_s"],
+            "/".join(f"{x:.0f}" for x in r.get("tokens_per_s_runs", [])), r["ttft_p50_ms"],
             r["ttft_p99_ms"], r["tpot_p50_ms"], r["batch_size_mean"], r["batch_adapters_mean"],
             int(r["cache_misses"]), r["foreign_cpu"],
             c.ratio(r["tokens_per_s"], base["tokens_per_s"]), c.ratio(r["ttft_p50_ms"], base["ttft_p50_ms"]),
@@ -129,7 +156,8 @@ def report(runs: list[dict], idle) -> str:
         worst = max(runs, key=lambda r: r["ttft_p50_ms"])
         text += (f"\nloaded/idle p50 TTFT: worst {c.ratio(worst['ttft_p50_ms'], idle.ttft_p50_ms):.2f}x "
                  f"(N={worst['adapters']}, {worst['dist']}); target <= 3x")
-    text += ("\nx columns: ratio to N = 1 with the same distribution (tok/s: higher is better); TTFT/TPOT "
+    text += ("\nfigures: medians over the repeats (tok/s runs: each repeat, in order)"
+             "\nx columns: ratio to N = 1 with the same distribution (tok/s: higher is better); TTFT/TPOT "
              "percentiles leave out the first wave of requests (all sent at t = 0); busy cores: CPU used by other "
              "processes during the run (the machine may be shared)")
     return text
