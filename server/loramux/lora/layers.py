@@ -147,10 +147,10 @@ class StackedLoraLinear(nn.Module):
         return self.lora_bt.view(-1, self.out_features)  # [slots * max_rank, out]
 
     @torch.no_grad()
-    def load_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None,
+    def load_slot(self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None,
                   scaling: float) -> None:
-        """Copy one adapter's A [r, in] and B [out, r] into `slot`; None clears it."""
-        if a is None or b is None:
+        """Copy one adapter's A [r, in] and B^T [r, out] into `slot`; None clears it."""
+        if a is None or bt is None:
             if self.filled[slot]:
                 self.lora_a[slot].zero_()
                 self.lora_bt[slot].zero_()
@@ -160,7 +160,7 @@ class StackedLoraLinear(nn.Module):
         r = a.shape[0]
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
         self.lora_a[slot, r:].zero_()
-        self.lora_bt[slot, :r].copy_(b.T, non_blocking=True)
+        self.lora_bt[slot, :r].copy_(bt, non_blocking=True)
         self.lora_bt[slot, r:].zero_()
         self.scaling[slot] = scaling
         self.filled[slot] = True

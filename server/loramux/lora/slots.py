@@ -192,8 +192,8 @@ class AdapterSlots:
         weights = self._host_weights(record)
         try:
             for name, layer in self.layers.items():
-                a, b, scaling = weights.layers.get(name, (None, None, 0.0))
-                layer.load_slot(slot, a, b, scaling)
+                a, bt, scaling = weights.layers.get(name, (None, None, 0.0))
+                layer.load_slot(slot, a, bt, scaling)
             self.ranks[slot] = record.rank
         except torch.OutOfMemoryError:
             self._wipe(slot)

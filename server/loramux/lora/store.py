@@ -40,7 +40,8 @@ class AdapterRecord:
 
 @dataclass
 class AdapterWeights:
-    """One adapter's tensors in host memory: module -> (A [r, in], B [out, r], scaling)."""
+    """One adapter's tensors in host memory: module -> (A [r, in], B^T [r, out], scaling).
+    B is kept transposed, as the slots store it, so loading a slot copies contiguous rows."""
 
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -170,5 +171,5 @@ class AdapterStore:
             a, b = tensors[pair["A"]].to(self.dtype), tensors[pair["B"]].to(self.dtype)
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise InvalidArgument(f"{wpath}: {module} holds NaN or infinite values")
-            layers[module] = (a.contiguous(), b.contiguous(), record.scalings[module])
+            layers[module] = (a.contiguous(), b.T.contiguous(), record.scalings[module])
         return AdapterWeights(layers)
