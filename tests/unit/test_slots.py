@@ -123,3 +123,22 @@ def test_every_way_gives_each_row_its_own_adapter(setup, monkeypatch, adapters, 
     assert torch.allclose(out, reference(model, x, row_slots, ctx), atol=1e-5)
     ctx.set([-1] * 4, torch.device("cpu"))
     assert torch.equal(out[1], model(x)[1])  # the bare-base row is the base, bit for bit
+
+
+@pytest.mark.parametrize("columns", [512, 0], ids=["stacked", "gathered"])
+def test_an_adapter_that_overflows_harms_no_other_row(setup, tmp_path, monkeypatch, columns):
+    """Finite but huge weights pass the file checks; their inf must stay in their own rows."""
+    from loramux.lora import layers
+
+    model, ctx, slots, _ = setup
+    monkeypatch.setattr(layers, "STACKED_MAX_COLUMNS", columns)
+    slots.store.add(slots.store.inspect("huge", write_adapter(tmp_path / "huge", rank=2, value=3e38), "rpc"))
+    x = torch.randn(3, 2, IN)
+    huge, sb = slots.acquire("huge"), slots.acquire("b")
+    assert huge == 0  # the gathered way runs bare rows through slot 0 (times a scale of 0)
+    ctx.set([-1, sb, -1], torch.device("cpu"))
+    want = model(x)
+    ctx.set([-1, sb, huge], torch.device("cpu"))
+    got = model(x)
+    assert not torch.isfinite(got[2]).all()  # the overflowing row itself
+    assert torch.equal(got[:2], want[:2])

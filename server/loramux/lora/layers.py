@@ -45,6 +45,7 @@ class RowSlots(threading.local):
         self.uniq: torch.Tensor | None = None  # [u] long: the batch's distinct slots (stacked way)
         self.onehot: torch.Tensor | None = None  # [B, u]: 1 where row b uses uniq[u] (u: all slots
         #                                           when uniq is None); None: the gathered way
+        self.off: torch.Tensor | None = None  # [B, u] bool: onehot == 0
         self.row_slot: torch.Tensor | None = None  # [B] long: row's slot, 0 for base rows (gathered way)
         self.row_on: torch.Tensor | None = None  # [B]: 1 for rows with an adapter, 0 for the bare base
         self.rows: torch.Tensor | None = None  # the rank rows to gather from [slots * max_rank, ...]
@@ -79,14 +80,15 @@ class RowSlots(threading.local):
         ranks = torch.arange(self.rank, device=slots.device)
         return (slots.view(-1, 1) * self.max_rank + ranks).view(-1)
 
-    @staticmethod
-    def _onehot(row_slots: list[int], column: dict[int, int], width: int,
+    def _onehot(self, row_slots: list[int], column: dict[int, int], width: int,
                 device: torch.device) -> torch.Tensor:
         onehot = torch.zeros(len(row_slots), width)
         for row, s in enumerate(row_slots):
             if s >= 0:
                 onehot[row, column[s]] = 1.0
-        return onehot.to(device)
+        onehot = onehot.to(device)
+        self.off = onehot == 0
+        return onehot
 
 
 class StackedLoraLinear(nn.Module):
@@ -130,7 +132,9 @@ class StackedLoraLinear(nn.Module):
         else:
             a, bt = self._flat_a().index_select(0, ctx.rows), self._flat_bt().index_select(0, ctx.rows)
             scaling = self.scaling.index_select(0, ctx.uniq)
-        h = (xs @ a.T).view(b, t, u, r) * onehot.view(b, 1, u, 1)  # each row keeps its own block
+        # Each row keeps its own block. A fill, not a x0: another adapter's block may hold inf
+        # (finite but huge weights), and inf x 0 would be NaN in this row.
+        h = (xs @ a.T).view(b, t, u, r).masked_fill(ctx.off.view(b, 1, u, 1), 0.0)
         return h.view(b, t, u * r) @ bt, onehot @ scaling  # [B, T, out], [B]
 
     def _gathered(self, xs: torch.Tensor, ctx: RowSlots) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +142,8 @@ class StackedLoraLinear(nn.Module):
         a = self._flat_a().index_select(0, ctx.rows).view(b, r, self.in_features)
         bt = self._flat_bt().index_select(0, ctx.rows).view(b, r, self.out_features)
         h = torch.bmm(xs, a.transpose(1, 2))  # [B, T, r]
-        return torch.bmm(h, bt), self.scaling.index_select(0, ctx.row_slot) * ctx.row_on
+        delta = torch.bmm(h, bt).masked_fill(ctx.row_on.view(-1, 1, 1) == 0, 0.0)  # bare rows ran slot 0
+        return delta, self.scaling.index_select(0, ctx.row_slot) * ctx.row_on
 
     def _flat_a(self) -> torch.Tensor:
         return self.lora_a.view(-1, self.in_features)  # [slots * max_rank, in]
