@@ -41,3 +41,14 @@ def test_training_keeps_the_bitsandbytes_path():
     x = torch.randn(2, 64, requires_grad=True)
     layer(x).sum().backward()  # the lean path has no backward; bitsandbytes' has
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_scratch_made_in_inference_mode_serves_calls_outside_it():
+    layer = quantized("nf4", True, 64, 64)
+    lean_4bit(layer)
+    quant._scratch.buffers.clear()
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)

@@ -33,7 +33,10 @@ class _Scratch(threading.local):
     def get(self, name: str, numel: int) -> torch.Tensor:
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < numel:
-            buf = self.buffers[name] = torch.empty(numel, dtype=torch.float32)
+            # A normal tensor even when first made in inference mode: an inference tensor
+            # could not be written in place by a later call outside that mode.
+            with torch.inference_mode(False):
+                buf = self.buffers[name] = torch.empty(numel, dtype=torch.float32)
         return buf[:numel]
 
 
