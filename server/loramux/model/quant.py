@@ -57,12 +57,17 @@ def _lib():
 
 
 def _eligible(module) -> bool:
+    """The layouts the raw kernels take as they are (the C calls get bare pointers)."""
     qs = getattr(getattr(module, "weight", None), "quant_state", None)
-    return (qs is not None and module.weight.device.type == "cpu" and module.compute_dtype == torch.float32
+    if qs is None or getattr(qs, "packing_format_for_cpu", False):
+        return False
+    floats = (qs.state2.absmax, qs.state2.code) if qs.nested else (qs.absmax,)
+    return (module.weight.device.type == "cpu" and module.compute_dtype == torch.float32
             and qs.quant_type in _KERNELS and qs.blocksize < 2048 and len(qs.shape) == 2
-            and qs.shape[1] % 2 == 0 and module.weight.dtype == torch.uint8
-            and not getattr(qs, "packing_format_for_cpu", False)
-            and (not qs.nested or qs.state2.absmax.dtype == torch.float32))
+            and qs.shape[1] % 2 == 0 and module.weight.dtype == torch.uint8 and module.weight.is_contiguous()
+            and all(t.dtype == torch.float32 for t in floats)
+            and all(t.is_contiguous() for t in (qs.absmax, *floats))
+            and (module.bias is None or module.bias.dtype == torch.float32))
 
 
 def _absmax(qs, lib) -> torch.Tensor:
