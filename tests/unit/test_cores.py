@@ -33,19 +33,25 @@ def test_steps_borrow_the_cores_unless_a_prefill_wants_them():
 
     def steps():
         sizes = []
-        lease.begin_step()
-        sizes.append(torch.get_num_threads())
-        lease.end_step()
-        with lease:  # a prefill runs (here on the same thread: only the counts matter)
-            lease.begin_step()
+        with lease.step():
             sizes.append(torch.get_num_threads())
-            lease.end_step()
-        lease.begin_step()
-        sizes.append(torch.get_num_threads())
-        lease.end_step()
+        with lease, lease.step():  # a prefill runs (here on the same thread: only the counts matter)
+            sizes.append(torch.get_num_threads())
+        with lease.step():
+            sizes.append(torch.get_num_threads())
         return sizes
 
     assert in_thread(steps) == [2, 1, 2]
+
+
+def test_nothing_is_borrowed_when_nothing_is_lent():
+    lease = CoreLease(own=1, lent=0)
+
+    def step():
+        with lease.step():
+            return torch.get_num_threads()
+
+    assert in_thread(step) == 1
 
 
 def test_a_prefill_waits_for_the_borrowing_step_to_end():
@@ -54,11 +60,10 @@ def test_a_prefill_waits_for_the_borrowing_step_to_end():
     order = []
 
     def decode():
-        lease.begin_step()  # borrows: no prefill yet
-        step_started.set()
-        assert not prefill_entered.wait(timeout=0.3)  # the prefill is held back meanwhile
-        order.append("step ended")
-        lease.end_step()
+        with lease.step():  # borrows: no prefill yet
+            step_started.set()
+            assert not prefill_entered.wait(timeout=0.3)  # the prefill is held back meanwhile
+            order.append("step ended")
 
     def prefill():
         step_started.wait(timeout=5)
@@ -76,14 +81,13 @@ def test_a_borrowing_step_hands_the_cores_back_between_layers():
     sizes = []
 
     def decode():
-        lease.begin_step()
-        step_started.set()
-        for _ in range(50):  # decoder layers, until the prefill got its cores
-            lease.between_layers()
-            if prefill_entered.wait(timeout=0.05):
-                break
-        sizes.append(torch.get_num_threads())  # the rest of the step: own cores only
-        lease.end_step()
+        with lease.step():
+            step_started.set()
+            for _ in range(50):  # decoder layers, until the prefill got its cores
+                lease.between_layers()
+                if prefill_entered.wait(timeout=0.05):
+                    break
+            sizes.append(torch.get_num_threads())  # the rest of the step: own cores only
 
     def prefill():
         step_started.wait(timeout=5)

@@ -12,6 +12,8 @@ slower (bench/README.md).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -23,7 +25,8 @@ def set_threads(threads: int) -> None:
 
 
 class CoreLease:
-    """Owns who may use the prefill thread's cores: the decode thread, between prefills."""
+    """Owns who may use the prefill thread's cores: the decode thread, between prefills.
+    With `lent` 0 nothing is lent and every call only keeps the decode thread's team size."""
 
     def __init__(self, own: int, lent: int) -> None:
         self.own, self.lent = own, lent
@@ -33,28 +36,33 @@ class CoreLease:
         self._threads = 0  # the decode thread's team size as last set
 
     # --- decode thread ---------------------------------------------------------------
-    def begin_step(self) -> None:
-        """Before a decode step: borrow the cores unless a prefill wants them."""
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """One decode step: on the lent cores too unless a prefill wants them."""
         with self._cond:
-            self._borrowed = not self._wanted
+            self._borrowed = bool(self.lent) and not self._wanted
         self._set(self.own + self.lent if self._borrowed else self.own)
+        try:
+            yield
+        finally:
+            self._give_back()
 
     def between_layers(self) -> None:
         """Within a borrowing step: if a prefill now wants its cores, hand them back at once
         (the rest of the step runs on the decode thread's own), so a prompt waits about one
         layer, not a whole step."""
         if self._borrowed and self._wanted:
-            self.end_step()
+            self._give_back()
             self._set(self.own)
 
-    def end_step(self) -> None:
+    def _give_back(self) -> None:
         with self._cond:
             self._borrowed = False
             self._cond.notify_all()
 
     def _set(self, threads: int) -> None:
         if threads != self._threads:
-            torch.set_num_threads(threads)
+            set_threads(threads)
             self._threads = threads
 
     # --- prefill thread --------------------------------------------------------------

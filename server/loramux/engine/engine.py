@@ -17,7 +17,6 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +86,7 @@ class Engine:
         # worker sets its own. With `lend_cores` the decode thread borrows the prefill
         # thread's cores between prefills (CPU).
         self._torch_threads = torch_threads
-        self._cores = CoreLease(torch_threads, torch_threads) if lend_cores and torch_threads else None
+        self._cores = CoreLease(torch_threads, torch_threads if lend_cores else 0)
         # Two threads: admission + prefill beside the decode steps, so a prompt never stalls
         # the running rows and a new request never waits for a decode step to start.
         self._threads = [threading.Thread(target=self._decode_loop, name="loramux-decode", daemon=True),
@@ -237,14 +236,9 @@ class Engine:
         self.metrics.batch_size.observe(len(self.rows))
         self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in self.rows if r.req.adapter_id}))
         try:
-            if self._cores:
-                self._cores.begin_step()
-            try:
+            with self._cores.step():
                 logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows],
-                                            self._cores.between_layers if self._cores else None)
-            finally:
-                if self._cores:
-                    self._cores.end_step()
+                                            self._cores.between_layers if self._cores.lent else None)
             tokens = sample(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
         except Exception as exc:
             log.exception("decode step failed")
@@ -309,7 +303,7 @@ class Engine:
         try:
             if any(r.req.inject_fault == "step" for r in rows):
                 raise faults.InjectedFault("injected fault in a prefill step")
-            with self._cores or nullcontext():
+            with self._cores:
                 logits, group = self.runner.prefill([r.req.prompt_ids for r in rows], [r.slot for r in rows])
             tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         except Exception as exc:
