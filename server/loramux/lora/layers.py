@@ -47,7 +47,7 @@ class RowSlots(threading.local):
         #                                           when uniq is None); None: the gathered way
         self.off: torch.Tensor | None = None  # [B, u] bool: onehot == 0
         self.row_slot: torch.Tensor | None = None  # [B] long: row's slot, 0 for base rows (gathered way)
-        self.row_on: torch.Tensor | None = None  # [B]: 1 for rows with an adapter, 0 for the bare base
+        self.row_off: torch.Tensor | None = None  # [B, 1, 1] bool: bare-base rows (gathered way)
         self.rows: torch.Tensor | None = None  # the rank rows to gather from [slots * max_rank, ...]
         #   views of the slot tensors: uniq's first `rank` rows (stacked), row_slot's (gathered)
         self.used: list[int] | None = None  # the batch's distinct slots, as Python ints
@@ -71,8 +71,9 @@ class RowSlots(threading.local):
         else:
             self.uniq = self.onehot = None
             self.row_slot = torch.tensor([max(s, 0) for s in row_slots], dtype=torch.long, device=device)
-            self.row_on = torch.tensor([1.0 if s >= 0 else 0.0 for s in row_slots], device=device)
+            self.row_off = torch.tensor([s < 0 for s in row_slots], device=device).view(-1, 1, 1)
             self.rows = self._rank_rows(self.row_slot)
+        self.off = None if self.onehot is None else self.onehot == 0
 
     def _rank_rows(self, slots: torch.Tensor) -> torch.Tensor:
         # One index_select of these rows from a [slots * max_rank, features] view copies just
@@ -80,15 +81,14 @@ class RowSlots(threading.local):
         ranks = torch.arange(self.rank, device=slots.device)
         return (slots.view(-1, 1) * self.max_rank + ranks).view(-1)
 
-    def _onehot(self, row_slots: list[int], column: dict[int, int], width: int,
+    @staticmethod
+    def _onehot(row_slots: list[int], column: dict[int, int], width: int,
                 device: torch.device) -> torch.Tensor:
         onehot = torch.zeros(len(row_slots), width)
         for row, s in enumerate(row_slots):
             if s >= 0:
                 onehot[row, column[s]] = 1.0
-        onehot = onehot.to(device)
-        self.off = onehot == 0
-        return onehot
+        return onehot.to(device)
 
 
 class StackedLoraLinear(nn.Module):
@@ -142,8 +142,8 @@ class StackedLoraLinear(nn.Module):
         a = self._flat_a().index_select(0, ctx.rows).view(b, r, self.in_features)
         bt = self._flat_bt().index_select(0, ctx.rows).view(b, r, self.out_features)
         h = torch.bmm(xs, a.transpose(1, 2))  # [B, T, r]
-        delta = torch.bmm(h, bt).masked_fill(ctx.row_on.view(-1, 1, 1) == 0, 0.0)  # bare rows ran slot 0
-        return delta, self.scaling.index_select(0, ctx.row_slot) * ctx.row_on
+        delta = torch.bmm(h, bt).masked_fill(ctx.row_off, 0.0)  # bare rows ran slot 0: zero, not x0
+        return delta, self.scaling.index_select(0, ctx.row_slot)
 
     def _flat_a(self) -> torch.Tensor:
         return self.lora_a.view(-1, self.in_features)  # [slots * max_rank, in]
