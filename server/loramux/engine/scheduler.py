@@ -63,6 +63,7 @@ class Scheduler:
         in_batch = {a for a, n in rows.items() if a and n > 0}
         held = self._held_back(rows, in_batch, max_adapters, now)
         picked: list[Request] = []
+        widest = 0  # the longest picked prompt: the prefill's padded width
         while len(picked) < free_rows:
             ready = [a for a in self._queues if a not in held
                      and (not a or a in in_batch or len(in_batch) < max_adapters)]
@@ -70,10 +71,10 @@ class Scheduler:
                 break
             adapter_id = min(ready, key=lambda a: (rows[a], self._queues[a][0].seq))
             queue = self._queues[adapter_id]
-            if picked and max_tokens is not None:
-                width = max(len(r.prompt_ids) for r in (*picked, queue[0]))
-                if width * (len(picked) + 1) > max_tokens:
-                    break
+            width = max(widest, len(queue[0].prompt_ids))
+            if picked and max_tokens is not None and width * (len(picked) + 1) > max_tokens:
+                break
+            widest = width
             picked.append(queue.popleft())
             self._set(adapter_id, queue)
             rows[adapter_id] += 1
