@@ -323,12 +323,21 @@ class Outcome:
     index: int
     adapter_id: str
     sent: float
-    first: float = math.nan
-    last: float = math.nan
-    tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # arrival of each token
     error: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def first(self) -> float:
+        return self.token_times[0] if self.token_times else math.nan
+
+    @property
+    def last(self) -> float:
+        return self.token_times[-1] if self.token_times else math.nan
 
     @property
     def ttft(self) -> float:
@@ -457,13 +466,8 @@ def _one(client, req: BenchRequest, t0: float) -> Outcome:
         for msg in client.stream(req.prompt, req.adapter_id, max_new_tokens=req.max_new_tokens,
                                  ignore_eos=req.ignore_eos):
             now = time.perf_counter() - t0
-            if msg.token_ids:
-                if out.tokens == 0:
-                    out.first = now
-                out.tokens += len(msg.token_ids)
-                out.token_ids.extend(msg.token_ids)
-                out.token_times.extend([now] * len(msg.token_ids))
-                out.last = now
+            out.token_ids.extend(msg.token_ids)
+            out.token_times.extend([now] * len(msg.token_ids))
     except grpc.RpcError as exc:
         out.error = f"{exc.code().name}: {exc.details()}"
     return out
