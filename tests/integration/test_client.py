@@ -72,9 +72,11 @@ def test_async_client(server, reference):
 
 def test_retries_with_backoff_on_overload(server):
     with Client(server.address, retry=Retry(attempts=1)) as impatient:
-        # 1 running, 1 queued, both far longer than the test (ignore_eos: no early EOS).
-        busy = [impatient.stream("Once upon a time", max_new_tokens=800, ignore_eos=True) for _ in range(2)]
+        # 1 running, then 1 queued behind it, both far longer than the test (ignore_eos: no
+        # early EOS). Sent one after the other: sent together, either may take the row.
+        busy = [impatient.stream("Once upon a time", max_new_tokens=800, ignore_eos=True)]
         next(busy[0])
+        busy.append(impatient.stream("Once upon a time", max_new_tokens=800, ignore_eos=True))
         time.sleep(0.3)
         with pytest.raises(Overloaded):
             impatient.generate("Hello", max_new_tokens=2)
