@@ -10,7 +10,6 @@ import signal
 import time
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -18,6 +17,7 @@ from loramux.api.auth import AdminTokenInterceptor
 from loramux.api.interceptor import ErrorInterceptor
 from loramux.api.servicers import AdapterRegistryServicer, GenerationServicer
 from loramux.config import ServerConfig
+from loramux.engine.cores import set_threads
 from loramux.engine.engine import Engine
 from loramux.engine.watcher import AdapterDirWatcher
 from loramux.lora import registry_file
@@ -39,8 +39,7 @@ def engine_threads(threads: int, device) -> int:
     over them (bench/README.md). 0 on CUDA: torch's default."""
     if threads == 0 and device.type == "cpu":
         threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    if threads:
-        torch.set_num_threads(threads)  # this thread's (loading); each engine thread sets its own
+    set_threads(threads)  # this thread's (loading); each engine thread sets its own
     return threads
 
 
