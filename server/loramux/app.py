@@ -62,7 +62,8 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     slots = AdapterSlots(store, runner.layers, cfg.max_active_adapters, cfg.host_cache_bytes, metrics)
     return Engine(runner, store, slots, metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_model_len,
                   registry_path=cfg.adapter_dir / registry_file.FILE_NAME, log_requests=cfg.log_requests,
-                  max_slot_wait=cfg.max_slot_wait, max_prefill_tokens=cfg.max_prefill_tokens,
+                  max_slot_wait=cfg.max_slot_wait, min_turn=cfg.min_slot_turn,
+                  max_prefill_tokens=cfg.max_prefill_tokens,
                   torch_threads=threads, lend_cores=cfg.lend_cores and device.type == "cpu")
 
 

@@ -60,8 +60,10 @@ def _serve_parser(sub) -> None:
     _add(p, "--max-queue", int, 256, "waiting requests before RESOURCE_EXHAUSTED")
     _add(p, "--max-prefill-tokens", int, 512, "tokens (rows x longest prompt) prefilled together; "
          "smaller starts the first rows of a burst sooner, larger spends less per token")
-    _add(p, "--max-slot-wait", float, 10.0, "seconds a request may wait for a device slot before the "
-         "resident adapters with the fewest rows stop taking new rows, so their slots turn over")
+    _add(p, "--max-slot-wait", float, 0.1, "seconds an adapter's requests may wait for a device slot "
+         "before a running adapter is parked (its rows sit out steps, KV kept) to give it one")
+    _add(p, "--min-slot-turn", float, 0.5, "seconds a running adapter keeps its slot before it may be "
+         "parked; larger loads adapters less often, smaller makes waiters wait less")
     _add(p, "--max-new-tokens-limit", int, 1024, "largest max_new_tokens accepted")
     _add(p, "--default-max-new-tokens", int, 64, "max_new_tokens when a request leaves it unset")
     _add(p, "--max-model-len", int, None, "prompt + answer tokens; unset: the model's maximum")
@@ -143,7 +145,8 @@ def _serve(args) -> int:
             host_cache_bytes=args.host_cache_bytes, max_adapter_bytes=args.max_adapter_bytes,
             max_batch_size=args.max_batch_size, torch_threads=args.torch_threads, lend_cores=args.lend_cores,
             max_queue=args.max_queue,
-            max_slot_wait=args.max_slot_wait, max_prefill_tokens=args.max_prefill_tokens,
+            max_slot_wait=args.max_slot_wait, min_slot_turn=args.min_slot_turn,
+            max_prefill_tokens=args.max_prefill_tokens,
             max_new_tokens_limit=args.max_new_tokens_limit,
             default_max_new_tokens=args.default_max_new_tokens, max_model_len=args.max_model_len,
             adapter_scan_interval=args.adapter_scan_interval, drain_timeout=args.drain_timeout,

@@ -35,3 +35,28 @@ def test_five_adapters_two_slots(tmp_path, adapter_store, reference):
         assert 0 < m["loramux_adapter_host_cache_bytes"] <= 3000000
     finally:
         srv.stop()
+
+
+def test_more_adapters_in_flight_than_slots_take_turns(tmp_path, adapter_store, reference):
+    """One slot, two adapters: a long answer does not hold a second adapter's request until
+    it ends. Its rows are parked (KV kept) while the other adapter takes the slot, then go
+    on; both answers equal those of each request alone."""
+    for name in ("r16-all", "r4-qv"):
+        shutil.copytree(adapter_store[name], tmp_path / "adapters" / name)
+    srv = ServerProcess(tmp_path, "--adapter-dir", str(tmp_path / "adapters"), "--max-active-adapters", "1",
+                        "--max-slot-wait", "0.05", "--min-slot-turn", "0.2")
+    try:
+        with srv.client() as client:
+            # ignore_eos holds the slot for 400 tokens (a random adapter may stop early)
+            long = client.stream("Once upon a time", "r16-all", max_new_tokens=400, ignore_eos=True)
+            long_tokens = list(next(long).token_ids)
+            short = client.generate("Hello world", "r4-qv", max_new_tokens=10)
+            assert list(short.token_ids) == reference.generate("r4-qv", "Hello world", 10)
+            assert srv.metrics()["loramux_adapter_preemptions_total"] >= 1
+            for event in long:
+                long_tokens += event.token_ids
+            assert len(long_tokens) == 400 and srv.metrics()["loramux_parked_requests"] == 0
+            alone = client.generate("Once upon a time", "r16-all", max_new_tokens=400, ignore_eos=True)
+            assert long_tokens == list(alone.token_ids)
+    finally:
+        srv.stop()

@@ -42,6 +42,29 @@ def alone(runner: Runner, prompt: list[int], steps: int) -> tuple[list[int], lis
     return tokens, seen
 
 
+def join_and_leave(runner: Runner, batch, rows: list[str], plan: dict, step: int, got: dict) -> tuple:
+    """Rows of `plan` ({name: (prompt, new tokens, joining step, ...)}) due at `step` are
+    prefilled together and appended; rows with all their tokens leave."""
+    joining = [name for name, entry in plan.items() if entry[2] == step]
+    if joining:
+        logits, group = runner.prefill([ids(runner, plan[n][0]) for n in joining], [-1] * len(joining))
+        if batch is None:
+            batch, rows = merge(None, group), list(joining)
+        else:
+            rows = [(rows + joining)[i] for i in batch.append(group)]
+        record(got, joining, logits)
+    done = {i for i, name in enumerate(rows) if len(got[name][0]) >= plan[name][1]}
+    if len(done) == len(rows):
+        return None, []
+    return batch, [rows[i] for i in batch.remove(done)] if done else rows
+
+
+def record(got: dict, rows: list[str], logits: torch.Tensor) -> None:
+    for name, row_logits in zip(rows, logits, strict=False):
+        got[name][0].append(int(row_logits.argmax(-1)))
+        got[name][1].append(row_logits)
+
+
 @pytest.mark.parametrize("room", [(64, 64), (0, 1)], ids=["default-room", "relayout-every-step"])
 def test_rows_joining_and_leaving_keep_each_row_its_own(runner, monkeypatch, room):
     monkeypatch.setattr(runner_mod, "LEFT_ROOM", room[0])
@@ -49,26 +72,10 @@ def test_rows_joining_and_leaving_keep_each_row_its_own(runner, monkeypatch, roo
     want = {name: alone(runner, ids(runner, text), n) for name, (text, n, _) in PROMPTS.items()}
     batch, rows, got = None, [], {name: ([], []) for name in PROMPTS}
     for step in range(40):
-        joining = [name for name, (_, _, at) in PROMPTS.items() if at == step]
-        if joining:
-            logits, group = runner.prefill([ids(runner, PROMPTS[n][0]) for n in joining], [-1] * len(joining))
-            batch = merge(batch, group)
-            rows += joining
-            for name, row_logits in zip(joining, logits, strict=True):
-                got[name][0].append(int(row_logits.argmax(-1)))
-                got[name][1].append(row_logits)
-        done = {i for i, name in enumerate(rows) if len(got[name][0]) >= PROMPTS[name][1]}
-        if done:
-            if len(done) == len(rows):
-                batch, rows = None, []
-            else:
-                rows = [rows[i] for i in batch.remove(done)]
+        batch, rows = join_and_leave(runner, batch, rows, PROMPTS, step, got)
         if batch is None:
             continue
-        logits = runner.decode(batch, [got[name][0][-1] for name in rows])
-        for name, row_logits in zip(rows, logits, strict=True):
-            got[name][0].append(int(row_logits.argmax(-1)))
-            got[name][1].append(row_logits)
+        record(got, rows, runner.decode(batch, [got[name][0][-1] for name in rows]))
     for name, (tokens, logits) in want.items():
         assert got[name][0] == tokens, name
         torch.testing.assert_close(torch.stack(got[name][1]), torch.stack(logits), atol=1e-4, rtol=1e-4)
@@ -121,3 +128,54 @@ def test_decode_calls_back_before_each_decoder_layer_and_not_in_prefill(runner):
     runner.prefill([ids(runner, b"again")], [-1])
     runner.decode(batch, [1])
     assert len(calls) == runner.model.config.num_hidden_layers  # only the step that asked
+
+
+@pytest.mark.parametrize("room", [(64, 64), (0, 1)], ids=["default-room", "relayout-every-step"])
+def test_parked_rows_go_on_where_they_stopped(runner, monkeypatch, room):
+    """Rows parked for some steps (their adapter gave its slot up) miss those steps' columns
+    and positions; rows join, leave and resume around them; every row's tokens and logits
+    still equal the row run alone."""
+    monkeypatch.setattr(runner_mod, "LEFT_ROOM", room[0])
+    monkeypatch.setattr(runner_mod, "RIGHT_ROOM", room[1])
+    plan = {  # name: (prompt, new tokens, step it joins, steps it is parked)
+        "p": (b"parked early", 10, 0, range(1, 4)),
+        "q": (b"runs throughout", 14, 0, range(0)),
+        "r": (b"parked twice, then leaves", 9, 0, [*range(2, 5), *range(7, 9)]),
+        "s": (b"joins while others are parked", 6, 3, range(0)),
+        "t": (b"t", 7, 5, range(6, 8)),
+    }
+    want = {name: alone(runner, ids(runner, text), n) for name, (text, n, _, _) in plan.items()}
+    batch, rows, got = None, [], {name: ([], []) for name in plan}
+    for step in range(40):
+        batch, rows = join_and_leave(runner, batch, rows, plan, step, got)
+        if batch is None:
+            continue
+        out = {i for i, name in enumerate(rows) if step in plan[name][3]}
+        back = {i: -1 for i in range(batch.active, batch.size) if i not in out}
+        if back:
+            rows = [rows[i] for i in batch.resume(back)]
+        park = {i for i, name in enumerate(rows) if step in plan[name][3] and i < batch.active}
+        if park:
+            rows = [rows[i] for i in batch.park(park)]
+        assert {rows[i] for i in range(batch.active, batch.size)} == {n for n in rows if step in plan[n][3]}
+        if not batch.active:
+            continue
+        record(got, rows, runner.decode(batch, [got[name][0][-1] for name in rows[: batch.active]]))
+    for name, (tokens, logits) in want.items():
+        assert got[name][0] == tokens, name
+        torch.testing.assert_close(torch.stack(got[name][1]), torch.stack(logits), atol=1e-4, rtol=1e-4)
+
+
+def test_parking_and_resuming_move_only_the_rows_that_change_part(runner):
+    prompts = [ids(runner, t) for t in (b"r0", b"r1", b"r2", b"r3", b"r4")]
+    _, group = runner.prefill(prompts, [-1, 0, 1, 0, -1])
+    batch = merge(None, group)
+    rows = ["r0", "r1", "r2", "r3", "r4"]
+    rows = [rows[i] for i in batch.park({1, 3})]
+    assert rows == ["r0", "r4", "r2", "r3", "r1"] and batch.active == 3  # r4 fills r1's place
+    assert batch.slots == [-1, -1, 1, 0, 0]
+    rows = [rows[i] for i in batch.resume({4: 1})]  # r1 comes back, in its adapter's new slot
+    assert rows == ["r0", "r4", "r2", "r1", "r3"] and batch.active == 4
+    assert batch.slots == [-1, -1, 1, 1, 0]
+    rows = [rows[i] for i in batch.remove({1})]  # active r4 leaves: r1 fills, parked r3 follows
+    assert rows == ["r0", "r1", "r2", "r3"] and batch.active == 3 and batch.size == 4

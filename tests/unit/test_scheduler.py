@@ -73,29 +73,55 @@ def test_full_and_remove_where(loop):
     assert names(gone) == ["x"] and len(s) == 1 and not s.full()
 
 
-def test_slots_turn_over_after_max_slot_wait(loop):
-    """Two slots held by hot adapters with steady traffic: a cold request gets no slot until it
-    has waited max_slot_wait; then the hot adapter with fewer rows takes no new rows until its
-    slot frees, and the cold adapter gets that slot before the hot adapter's own queue."""
-    s = Scheduler(max_queue=100, max_slot_wait=1.0)
+def test_a_slot_goes_to_a_parked_adapter_that_waited_longer(loop):
+    s = Scheduler(max_queue=100)
+    young = req(loop, "new", "n0")
+    s.add(young)
+    s.add(req(loop, "A", "a0"))  # A runs: it needs no new slot
+    parked = {"P": young.arrived - 1.0}  # P was parked before n0 arrived
+    assert names(s.pick(5, Counter(A=1), 2, parked=parked)) == ["a0"]  # the free slot is P's
+    assert names(s.pick(5, Counter(A=1), 3, parked=parked)) == ["n0"]  # two free slots: one each
+    s.add(req(loop, "new2", "m0"))
+    assert names(s.pick(5, Counter(A=1), 2, parked={"P": young.arrived + 5.0})) == ["m0"]  # older than P
+
+
+def test_rotate_parks_the_longest_turn_for_each_waiter_past_max_slot_wait(loop):
+    """Two slots, both running; waiters get a slot by parking the adapter whose turn began
+    first, once they waited max_slot_wait and that turn lasted min_turn."""
+    s = Scheduler(max_queue=100, max_slot_wait=0.1, min_turn=0.5)
     cold = req(loop, "cold", "c0")
     s.add(cold)
-    for i in range(4):
-        s.add(req(loop, "hot1", f"h1-{i}"))
-        s.add(req(loop, "hot2", f"h2-{i}"))
     t0 = cold.arrived
+    running = Counter(A=2, B=1)
+    turns = {"A": t0 - 1.0, "B": t0 - 2.0}
     table = [
-        # (free rows, rows running per adapter, seconds since c0 arrived) -> admitted, in order
-        ((2, Counter(hot1=3, hot2=1), 0.5), ["h2-0", "h2-1"]),  # c0 not starved yet
-        ((1, Counter(hot1=4, hot2=2), 1.5), ["h1-0"]),  # c0 starved: hot2 (fewer rows) held back
-        ((1, Counter(hot1=5, hot2=1), 2.0), ["h1-1"]),
-        ((2, Counter(hot1=5), 2.5), ["c0", "h1-2"]),  # hot2's last row ended: its slot goes to c0
-        ((5, Counter(hot1=5, cold=1), 3.0), ["h1-3"]),  # now hot2 is starved: cold is held back
-        ((5, Counter(hot1=5), 3.5), ["h2-2", "h2-3"]),
+        # (movable, free rows, parked {adapter: since}, seconds after c0) -> (resume, park)
+        (({"A", "B"}, 4, {}, 0.05), ([], [])),  # c0 has not waited long enough
+        (({"A", "B"}, 4, {}, 0.2), ([], ["B"])),  # B's turn began first
+        (({"A"}, 4, {}, 0.2), ([], ["A"])),  # B has a row in prefill: A instead
+        (({"A", "B"}, 0, {}, 0.2), ([], [])),  # no free row for c0: parking B would not help it
+        (({"A", "B"}, 4, {"P": t0 + 0.05}, 0.2), ([], ["B", "A"])),  # P waits too
+        (({"A", "B"}, 4, {"P": t0 + 0.15}, 0.2), ([], ["B"])),  # ... but not long enough yet
     ]
-    for (free, running, after), expected in table:
-        assert names(s.pick(free, running, 2, now=t0 + after)) == expected
-    assert len(s) == 0
+    for (movable, free, parked, after), expected in table:
+        assert s.rotate(running, parked, turns, movable, 2, free, t0 + after) == expected
+    late = {"A": t0 - 1.0, "B": t0 - 0.2}  # B's turn began 0.4 s before the check: too short
+    assert s.rotate(running, {}, late, {"A", "B"}, 2, 4, t0 + 0.2) == ([], ["A"])
+
+
+def test_rotate_resumes_parked_adapters_oldest_first(loop):
+    s = Scheduler(max_queue=100, max_slot_wait=0.1, min_turn=0.5)
+    queued = req(loop, "Q", "q0")
+    s.add(queued)
+    t0 = queued.arrived
+    parked = {"P1": t0 - 1.0, "P2": t0 + 1.0, "P3": t0 + 2.0}
+    turns = {"A": t0 + 2.8}  # A's turn is too young to end for P2 and P3, who wait
+    # three slots, A runs: two free. P1 (oldest) resumes; Q's turn is next, left to pick
+    assert s.rotate(Counter(A=1), parked, turns, {"A"}, 3, 4, t0 + 3.0) == (["P1"], [])
+    # a new request of P3's own runs again: its parked rows join it at no slot's cost
+    assert s.rotate(Counter(A=1, P3=1), parked, turns, {"A"}, 3, 4, t0 + 3.0) == (["P3", "P1"], [])
+    # A's turn is over: P2 has waited longest of those left without a slot
+    assert s.rotate(Counter(A=1), parked, turns, {"A"}, 3, 4, t0 + 3.4) == (["P1"], ["A"])
 
 
 def test_prefill_token_budget(loop):

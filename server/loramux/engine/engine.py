@@ -2,8 +2,11 @@
 
 The prefill thread admits waiting requests into free rows, prefills them together and
 streams their first tokens; the decode thread merges those rows into the running batch
-between steps and decodes one token for every row: continuous batching, with prompts
-never stalling the running rows. Tokens cross to the gRPC event loop through each
+between steps and decodes one token for every active row: continuous batching, with
+prompts never stalling the running rows. When more adapters have work than there are
+slots, the decode thread also time-slices the slots between steps (`_rotate`): it parks
+the rows of an adapter whose turn is over, keeping their KV, and resumes parked rows
+when their adapter's turn comes. Tokens cross to the gRPC event loop through each
 request's queue (`Request.emit`).
 """
 
@@ -53,6 +56,7 @@ class Row:
     sampling: Sampling
     generator: object
     slot: int
+    parked: bool = False  # sits out steps: its adapter gave its slot up (no pin held)
 
 
 class Engine:
@@ -61,8 +65,8 @@ class Engine:
     def __init__(self, runner: Runner, store: AdapterStore, slots: AdapterSlots, metrics,
                  max_batch_size: int, max_queue: int, max_model_len: int | None,
                  registry_path: Path | None = None, log_requests: bool = False,
-                 max_slot_wait: float = 10.0, max_prefill_tokens: int | None = None,
-                 torch_threads: int = 0, lend_cores: bool = False) -> None:
+                 max_slot_wait: float = 0.1, max_prefill_tokens: int | None = None,
+                 torch_threads: int = 0, lend_cores: bool = False, min_turn: float = 0.5) -> None:
         self.log_requests = log_requests
         self.registry_path = registry_path  # where RPC registrations persist across restarts
         self.runner = runner
@@ -72,12 +76,15 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = min(max_model_len or runner.max_len, runner.max_len)
-        self.scheduler = Scheduler(max_queue, max_slot_wait)
+        self.scheduler = Scheduler(max_queue, max_slot_wait, min_turn)
         self.rows: list[Row] = []
         self.batch: Batch | None = None
         self.draining = False
-        self._lock = threading.Lock()  # guards the scheduler and _admitted
+        self._lock = threading.Lock()  # guards the scheduler and the counts below (pins change under it)
         self._admitted: Counter[str] = Counter()  # rows in prefill or in the batch, per adapter
+        self._parked_rows: Counter[str] = Counter()  # of those, rows parked, per adapter
+        self._parked: dict[str, float] = {}  # parked adapter -> when it was parked
+        self._turns: dict[str, float] = {}  # adapter with active rows -> since when it has a slot
         self._prefilled: deque[tuple[list[Row], Group]] = deque()  # prefill -> decode thread
         self._admit_wake = threading.Event()
         self._decode_wake = threading.Event()
@@ -208,14 +215,16 @@ class Engine:
             try:
                 self._join_prefilled()
                 self._drop_gone_rows()
-                if self.rows:
+                self._rotate()
+                if self.batch is not None and self.batch.active:
                     self._decode()
             except Exception as exc:  # never let the loop die
                 log.exception("engine step failed")
                 self._abandon_rows(exc)
             self.metrics.running.set(len(self.rows))
-            if not self.rows:
-                self._decode_wake.wait(timeout=0.5)
+            self.metrics.parked.set(len(self.rows) - (self.batch.active if self.batch is not None else 0))
+            if self.batch is None or not self.batch.active:  # parked rows wait for a release
+                self._decode_wake.wait(timeout=0.05 if self.rows else 0.5)
                 self._decode_wake.clear()
 
     def _join_prefilled(self) -> None:
@@ -227,25 +236,28 @@ class Engine:
                 if not keep:
                     continue
                 rows, group = [rows[i] for i in keep], group.select(keep)
-            self.batch = merge(self.batch, group)
-            self.rows += rows
+            if self.batch is None:
+                self.batch, self.rows = merge(None, group), rows
+            else:  # the new rows go before any parked ones
+                self._reorder(self.batch.append(group), self.rows + rows)
             if any(r.req.inject_fault == "crash" for r in rows):  # checked once per row, not per step
                 raise faults.InjectedFault("injected engine crash")
 
     def _decode(self) -> None:
-        self.metrics.batch_size.observe(len(self.rows))
-        self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in self.rows if r.req.adapter_id}))
+        rows = self.rows[: self.batch.active]
+        self.metrics.batch_size.observe(len(rows))
+        self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in rows if r.req.adapter_id}))
         try:
             with self._cores.step():
-                logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows],
+                logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in rows],
                                             self._cores.between_layers if self._cores.lent else None)
-            tokens = sample(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
+            tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         except Exception as exc:
             log.exception("decode step failed")
-            self._fail_rows(dict.fromkeys(range(len(self.rows)), Internal(f"model step failed: {exc}")))
+            self._fail_rows(dict.fromkeys(range(len(rows)), Internal(f"model step failed: {exc}")))
             return
         now = time.monotonic()
-        finished = [i for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
+        finished = [i for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
                     if self._emit_token(row, token, now)]
         if finished:
             self._remove(finished)
@@ -269,9 +281,12 @@ class Engine:
         with self._lock:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
             free = self.max_batch_size - self._admitted.total()
-            picked = (self.scheduler.pick(free, self._admitted, self.slots.num_slots, now, self.max_prefill_tokens)
-                      if free > 0 else [])
+            picked = (self.scheduler.pick(free, self._admitted - self._parked_rows, self.slots.num_slots,
+                                          self.max_prefill_tokens, self._parked) if free > 0 else [])
             self._admitted.update(r.adapter_id for r in picked)
+            for r in picked:
+                if r.adapter_id:
+                    self._turns.setdefault(r.adapter_id, now)
             self.metrics.queue_depth.set(len(self.scheduler))
         for req in gone:
             self._fail(req, DeadlineExceeded("deadline passed while queued") if req.expired(now) else None)
@@ -284,11 +299,8 @@ class Engine:
         try:
             slot = self.slots.acquire(req.adapter_id) if req.adapter_id else -1
         except Exception as exc:
-            if not isinstance(exc, LoramuxError):
-                log.exception("loading adapter %s failed", req.adapter_id)
-                exc = Internal(f"loading adapter {req.adapter_id!r} failed: {exc}")
             self._unadmit(req.adapter_id)
-            self._fail(req, exc)
+            self._fail(req, _load_error(req.adapter_id, exc))
             return None
         req.admitted = time.monotonic()
         self.metrics.queue_wait.observe(req.admitted - req.arrived)
@@ -399,21 +411,84 @@ class Engine:
         if self.batch is None or len(drop) == len(self.rows):
             self.batch, self.rows = None, []
             return
-        order = self.batch.remove(drop)
-        self.rows = [self.rows[i] for i in order]
+        self._reorder(self.batch.remove(drop), self.rows)
+
+    def _reorder(self, order: list[int], rows: list[Row]) -> None:
+        self.rows = [rows[i] for i in order]
+
+    # --- time-slicing the slots (decode thread, between steps) ----------------------------
+    def _rotate(self) -> None:
+        """Park the rows of adapters whose turn is over and resume parked adapters whose
+        turn has come (`Scheduler.rotate`). Pins change under the lock with the counts, so
+        admission never sees a slot free that is still pinned, nor misses one."""
+        if self.batch is None or (not self._parked and len(self._turns) < self.slots.num_slots):
+            return  # every adapter with work has a slot (read without the lock: a hint)
+        m, now = self.batch.active, time.monotonic()
+        in_rows = Counter(r.req.adapter_id for r in self.rows[:m])
+        with self._lock:
+            running = self._admitted - self._parked_rows
+            movable = {a for a, n in in_rows.items() if a and n == running[a]}
+            resume, park = self.scheduler.rotate(running, self._parked, self._turns, movable, self.slots.num_slots,
+                                                 self.max_batch_size - self._admitted.total(), now)
+            parking = [r for r in self.rows[:m] if r.req.adapter_id in park]
+            for a in park:
+                self._parked[a], self._parked_rows[a] = now, in_rows[a]
+                del self._turns[a]
+            for row in parking:
+                row.parked = True
+                self.slots.release(row.req.adapter_id)
+            back, failed = self._take_slots(resume, now)
+        if parking:
+            self.metrics.adapter_preemptions.inc(len(park))
+            self._reorder(self.batch.park({i for i in range(m) if self.rows[i].parked}), self.rows)
+            self._admit_wake.set()
+        if failed:
+            self._fail_rows({i: failed[id(r)] for i, r in enumerate(self.rows) if id(r) in failed})
+        if back:
+            self._reorder(self.batch.resume({i: back[id(r)] for i, r in enumerate(self.rows) if id(r) in back}),
+                          self.rows)
+
+    def _take_slots(self, adapters: list[str], now: float) -> tuple[dict[int, int], dict[int, Exception]]:
+        """Pin parked adapters' slots again (under the lock): {id(row): slot} for the rows
+        that resume, {id(row): error} for those whose adapter no longer loads."""
+        back, failed = {}, {}
+        for a in adapters:
+            rows = [r for r in self.rows if r.parked and r.req.adapter_id == a]
+            try:
+                slot = self.slots.acquire(a)
+            except Exception as exc:
+                failed.update(dict.fromkeys(map(id, rows), _load_error(a, exc)))
+                continue
+            for _ in rows[1:]:
+                self.slots.acquire(a)  # one pin per row; the adapter is resident now
+            for row in rows:
+                row.parked, row.slot = False, slot
+                back[id(row)] = slot
+            del self._parked[a], self._parked_rows[a]
+            self._turns.setdefault(a, now)
+        return back, failed
 
     def _release(self, row: Row) -> None:
-        """A row ends: its place in the batch and its slot pin go (once per admitted row)."""
-        self._unadmit(row.req.adapter_id)
-        if row.req.adapter_id:
+        """A row ends: its slot pin and its place in the batch go (once per admitted row).
+        The pin goes first: admission must never count a slot free that is still pinned."""
+        if row.req.adapter_id and not row.parked:
             self.slots.release(row.req.adapter_id)
+        self._unadmit(row.req.adapter_id, row.parked)
 
-    def _unadmit(self, adapter_id: str) -> None:
+    def _unadmit(self, adapter_id: str, parked: bool = False) -> None:
         with self._lock:
             self._admitted[adapter_id] -= 1
             if self._admitted[adapter_id] <= 0:
                 del self._admitted[adapter_id]
+            if parked:
+                self._parked_rows[adapter_id] -= 1
+                if self._parked_rows[adapter_id] <= 0:
+                    del self._parked_rows[adapter_id]
+                    del self._parked[adapter_id]
+            elif self._admitted[adapter_id] <= self._parked_rows[adapter_id]:
+                self._turns.pop(adapter_id, None)  # no active row left: its turn ends
         self._admit_wake.set()
+        self._decode_wake.set()  # parked rows may take the slot
 
     def _fail(self, req: Request, error: Exception | None) -> None:
         """End a request with an error (None: it was cancelled, nobody is listening)."""
@@ -436,3 +511,11 @@ class Engine:
             "queue_wait_s": since(req.admitted), "ttft_s": since(req.first_token),
             "duration_s": round(now - req.arrived, 6),
         }))
+
+
+def _load_error(adapter_id: str, exc: Exception) -> LoramuxError:
+    """What a request hears when its adapter could not take a slot."""
+    if isinstance(exc, LoramuxError):
+        return exc
+    log.error("loading adapter %s failed", adapter_id, exc_info=exc)
+    return Internal(f"loading adapter {adapter_id!r} failed: {exc}")

@@ -9,25 +9,27 @@ from loramux.engine.request import Request
 
 
 class Scheduler:
-    """Owns the waiting requests, one FIFO per adapter.
+    """Owns the waiting requests, one FIFO per adapter, and the turns of the device slots.
 
     `pick` fills free rows one at a time from the adapter with the fewest rows in the batch,
     oldest waiting request first among equals. Rows free up one or two per step, so plain
     oldest-first would hand each free row to the adapter that flooded the queue first;
     counting rows already running gives every waiting adapter its turn within a step or two.
 
-    Slots turn over: a resident adapter with steady traffic would keep its slot for ever,
-    so once a request has waited `max_slot_wait` seconds for a slot, the resident adapters
-    with the fewest rows (one per such waiting adapter) get no new rows until their slot
-    frees. That bounds the wait of a cold adapter under hot ones to about `max_slot_wait`
-    plus the time their last rows take. It is a backstop, not a way to serve more adapters
-    than slots: draining costs rows, so with 1 s under uniform traffic over twice as many
-    adapters as slots it lost 9% tokens/s and tripled p50 TTFT (bench/README.md).
+    Slots are time-sliced (`rotate`) when more adapters have work than there are slots:
+    adapters waiting for a slot (queued requests of an adapter without running rows, and
+    *parked* adapters, whose rows sit out steps with their KV kept) get slots oldest first;
+    once the oldest has waited `max_slot_wait` seconds, the running adapter whose turn began
+    longest ago (at least `min_turn` seconds ago, so that slots do not churn) is parked
+    for it. Without that, a request
+    for a cold adapter waited for a whole answer of some resident adapter to end (p50 TTFT
+    10x and 53x idle with 32 and 128 adapters on 16 slots; bench/README.md).
     """
 
-    def __init__(self, max_queue: int, max_slot_wait: float = 10.0) -> None:
+    def __init__(self, max_queue: int, max_slot_wait: float = 0.1, min_turn: float = 0.5) -> None:
         self.max_queue = max_queue
         self.max_slot_wait = max_slot_wait
+        self.min_turn = min_turn
         self._queues: dict[str, deque[Request]] = {}
         self._count = 0
 
@@ -53,20 +55,27 @@ class Scheduler:
         return removed
 
     def pick(self, free_rows: int, running: Counter[str], max_adapters: int,
-             now: float | None = None, max_tokens: int | None = None) -> list[Request]:
-        """Choose up to `free_rows` requests. `running` counts the batch's rows per adapter;
-        distinct adapters in the batch stay within `max_adapters` (the device slots). The
-        bare base, "", needs no slot. `now` (time.monotonic) enables slot turnover.
-        `max_tokens` bounds the picked prompts as one left-padded prefill (rows x longest),
-        at least one request whatever its length."""
+             max_tokens: int | None = None, parked: dict[str, float] | None = None) -> list[Request]:
+        """Choose up to `free_rows` requests. `running` counts the batch's active rows per
+        adapter; distinct adapters in the batch stay within `max_adapters` (the device
+        slots), and a slot goes to a new adapter only if no parked adapter ({adapter: time
+        parked}) has waited longer for one. The bare base, "", needs no slot. `max_tokens`
+        bounds the picked prompts as one left-padded prefill (rows x longest), at least one
+        request whatever its length."""
         rows = Counter(running)
         in_batch = {a for a, n in rows.items() if a and n > 0}
-        held = self._held_back(rows, in_batch, max_adapters, now)
+        parked = parked or {}
         picked: list[Request] = []
         widest = 0  # the longest picked prompt: the prefill's padded width
+
+        def has_slot(a: str) -> bool:
+            if not a or a in in_batch:
+                return True
+            ahead = sum(1 for b, t in parked.items() if b != a and b not in in_batch and t < self._queues[a][0].arrived)
+            return len(in_batch) + ahead < max_adapters
+
         while len(picked) < free_rows:
-            ready = [a for a in self._queues if a not in held
-                     and (not a or a in in_batch or len(in_batch) < max_adapters)]
+            ready = [a for a in self._queues if has_slot(a)]
             if not ready:
                 break
             adapter_id = min(ready, key=lambda a: (rows[a], self._queues[a][0].seq))
@@ -83,15 +92,28 @@ class Scheduler:
         self._count -= len(picked)
         return picked
 
-    def _held_back(self, rows: Counter[str], in_batch: set[str], max_adapters: int,
-                   now: float | None) -> set[str]:
-        """Resident adapters that get no new rows, so that their slots go to adapters whose
-        requests waited over max_slot_wait for one."""
-        if now is None or len(in_batch) < max_adapters:
-            return set()
-        starved = sum(1 for a, q in self._queues.items()
-                      if a and a not in in_batch and now - q[0].arrived > self.max_slot_wait)
-        return set(sorted(in_batch, key=lambda a: (rows[a], a))[:starved])
+    def rotate(self, running: Counter[str], parked: dict[str, float], turns: dict[str, float],
+               movable: set[str], max_adapters: int, free_rows: int, now: float) -> tuple[list[str], list[str]]:
+        """The slots' turns between two steps: (parked adapters to resume, running adapters
+        to park). `running` counts active rows per adapter, `parked` says since when each
+        parked adapter waits, `turns` since when each running adapter holds its slot;
+        only `movable` adapters (all rows in the batch, none in prefill) can be parked.
+        Waiters are served oldest first: a free slot due to a queued adapter is left to
+        `pick`. A parked adapter that runs again (a new request of its own brought it
+        back) resumes without a slot of its own."""
+        in_batch = {a for a, n in running.items() if a and n > 0}
+        since = {a: t for a, t in parked.items() if a not in in_batch}
+        queued = sorted((a for a in self._queues if a and a not in in_batch),
+                        key=lambda a: self._queues[a][0].arrived)
+        for a in queued[:max(free_rows, 0)]:  # a queued adapter needs a free row too
+            since[a] = min(since.get(a, now), self._queues[a][0].arrived)
+        waiters = sorted(since, key=lambda a: (since[a], a))
+        free = max(max_adapters - len(in_batch), 0)
+        resume = [a for a in parked if a in in_batch] + [a for a in waiters[:free] if a in parked]
+        starved = sum(1 for a in waiters[free:] if now - since[a] >= self.max_slot_wait)
+        done = sorted((t, a) for a, t in turns.items()
+                      if a in movable and a in in_batch and now - t >= self.min_turn)
+        return resume, [a for _, a in done[:starved]]
 
     def _set(self, adapter_id: str, queue: deque[Request]) -> None:
         if queue:
