@@ -515,7 +515,7 @@ def server_counters(srv) -> dict[str, float]:
         "cache_hits": "adapter_cache_hits_total", "cache_misses": "adapter_cache_misses_total",
         "evictions": "adapter_evictions_total", "load_s_sum": "adapter_load_seconds_sum",
         "loads": "adapter_load_seconds_count", "rows_sum": "batch_size_sum", "decode_steps": "batch_size_count",
-        "adapters_sum": "batch_adapters_sum",
+        "adapters_sum": "batch_adapters_sum", "parks": "adapter_preemptions_total",
     }
     return {k: m.get(f"loramux_{v}", math.nan) for k, v in names.items()}
 
@@ -524,7 +524,8 @@ def server_stats(before: dict[str, float], after: dict[str, float]) -> dict[str,
     """What the server did between two `server_counters` scrapes: cache traffic, batch shape."""
     d = {k: after[k] - before.get(k, 0.0) for k in after}
     return {
-        "cache_hits": d["cache_hits"], "cache_misses": d["cache_misses"], "evictions": d["evictions"],
+        "cache_hits": d["cache_hits"], "cache_misses": d["cache_misses"],
+        "evictions": d["evictions"], "parks": d["parks"],
         "load_ms_mean": 1e3 * ratio(d["load_s_sum"], d["loads"]),
         "decode_steps": d["decode_steps"],
         "batch_size_mean": ratio(d["rows_sum"], d["decode_steps"]),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="loaded runs per configuration, round-robin over all of them; the table shows medians")
     p.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
     c.add_run_options(p)  # --wait-quiet, --snapshot
+    p.add_argument("--server-args", default="", help="more flags for every server, e.g. '--min-slot-turn 1'")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 and 8 adapters, 32 short requests")
     args = p.parse_args(argv)
     if args.quick:
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
         for n in counts:  # all servers up at once, so that repeats can go round-robin over them
             subset = {k: adapters[k] for k in list(adapters)[:n]}
             servers[n] = c.start_server(work / f"n{n}", subset, slots=args.slots, max_batch=args.max_batch_size,
-                                        max_rank=max(args.rank, 8))
+                                        max_rank=max(args.rank, 8), extra=tuple(shlex.split(args.server_args)))
             c.warm_up(servers[n].address)
         srv = servers[counts[0]]
         reqs = c.make_requests(args.idle_requests, counts[0], dists[0], args.seed, prompt_range, new_range,
@@ -113,7 +115,8 @@ def _loaded_run(args, srv, n: int, dist: str, prompt_range, new_range) -> dict:
     stats = c.server_stats(before, c.server_counters(srv))
     print(f"N={n:>3} {dist:>8}: {res.tokens_per_s:7.1f} tok/s, TTFT p50 {res.ttft_p50_ms:.0f} ms "
           f"p99 {res.ttft_p99_ms:.0f} ms, TPOT p50 {res.tpot_p50_ms:.1f} ms, errors {res.errors}, "
-          f"misses {stats['cache_misses']:.0f}, batch {stats['batch_size_mean']:.1f} rows / "
+          f"misses {stats['cache_misses']:.0f}, parks {stats['parks']:.0f}, "
+          f"batch {stats['batch_size_mean']:.1f} rows / "
           f"{stats['batch_adapters_mean']:.1f} adapters", flush=True)
     return {"adapters": n, "dist": dist, "distinct_adapters": len({r.adapter_id for r in reqs}),
             **res.summary(), **stats}
@@ -136,7 +139,8 @@ def _medians(raw: list[dict]) -> list[dict]:
 
 def report(runs: list[dict], idle) -> str:
     headers = ["adapters", "dist", "distinct", "tok/s", "tok/s runs", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
-               "rows/step", "adapters/step", "misses", "busy cores", "x tok/s", "x TTFT p50", "x TPOT p50", "TTFT/idle"]
+               "rows/step", "adapters/step", "misses", "parks", "busy cores", "x tok/s", "x TTFT p50", "x TPOT p50",
+               "TTFT/idle"]
     rows = []
     for r in runs:
         base = next((b for b in runs if b["dist"] == r["dist"] and b["adapters"] == 1), None) or runs[0]
@@ -144,7 +148,7 @@ def report(runs: list[dict], idle) -> str:
             r["adapters"], r["dist"], r["distinct_adapters"], r["tokens_per_s"],
             "/".join(f"{x:.0f}" for x in r.get("tokens_per_s_runs", [])), r["ttft_p50_ms"],
             r["ttft_p99_ms"], r["tpot_p50_ms"], r["batch_size_mean"], r["batch_adapters_mean"],
-            int(r["cache_misses"]), r["foreign_cpu"],
+            int(r["cache_misses"]), r.get("parks", math.nan), r["foreign_cpu"],
             c.ratio(r["tokens_per_s"], base["tokens_per_s"]), c.ratio(r["ttft_p50_ms"], base["ttft_p50_ms"]),
             c.ratio(r["tpot_p50_ms"], base["tpot_p50_ms"]),
             c.ratio(r["ttft_p50_ms"], idle.ttft_p50_ms) if idle else math.nan,
