@@ -73,55 +73,56 @@ def test_full_and_remove_where(loop):
     assert names(gone) == ["x"] and len(s) == 1 and not s.full()
 
 
-def test_a_slot_goes_to_a_parked_adapter_that_waited_longer(loop):
-    s = Scheduler(max_queue=100)
-    young = req(loop, "new", "n0")
-    s.add(young)
+def test_parked_adapters_get_free_slots_before_new_ones_until_those_starve(loop):
+    s = Scheduler(max_queue=100, max_slot_wait=0.1)
+    new = req(loop, "new", "n0")
+    s.add(new)
     s.add(req(loop, "A", "a0"))  # A runs: it needs no new slot
-    parked = {"P": young.arrived - 1.0}  # P was parked before n0 arrived
-    assert names(s.pick(5, Counter(A=1), 2, parked=parked)) == ["a0"]  # the free slot is P's
-    assert names(s.pick(5, Counter(A=1), 3, parked=parked)) == ["n0"]  # two free slots: one each
+    parked = {"P": new.arrived + 1.0}  # parked after n0 arrived: still ahead of it
+    assert names(s.pick(5, Counter(A=1), 2, parked=parked, now=new.arrived + 0.05)) == ["a0"]
+    assert names(s.pick(5, Counter(A=1), 3, parked=parked, now=new.arrived + 0.05)) == ["n0"]  # one each
     s.add(req(loop, "new2", "m0"))
-    assert names(s.pick(5, Counter(A=1), 2, parked={"P": young.arrived + 5.0})) == ["m0"]  # older than P
+    m0 = s._queues["new2"][0]
+    assert names(s.pick(5, Counter(A=1), 2, parked=parked, now=m0.arrived + 0.2)) == ["m0"]  # starved
 
 
-def test_rotate_parks_the_longest_turn_for_each_waiter_past_max_slot_wait(loop):
-    """Two slots, both running; waiters get a slot by parking the adapter whose turn began
-    first, once they waited max_slot_wait and that turn lasted min_turn."""
+def test_rotate_parks_a_running_adapter_for_each_starved_waiter(loop):
+    """Two slots, both running; a queued adapter that waited max_slot_wait, and a parked one
+    that waited min_turn, each park the running adapter with the fewest rows (then the
+    longest turn) among those whose turn lasted min_turn."""
     s = Scheduler(max_queue=100, max_slot_wait=0.1, min_turn=0.5)
     cold = req(loop, "cold", "c0")
     s.add(cold)
     t0 = cold.arrived
     running = Counter(A=2, B=1)
-    turns = {"A": t0 - 1.0, "B": t0 - 2.0}
+    turns = {"A": t0 - 3.0, "B": t0 - 1.0}
     table = [
         # (movable, free rows, parked {adapter: since}, seconds after c0) -> (resume, park)
         (({"A", "B"}, 4, {}, 0.05), ([], [])),  # c0 has not waited long enough
-        (({"A", "B"}, 4, {}, 0.2), ([], ["B"])),  # B's turn began first
+        (({"A", "B"}, 4, {}, 0.2), ([], ["B"])),  # B: fewer rows, though A's turn is longer
         (({"A"}, 4, {}, 0.2), ([], ["A"])),  # B has a row in prefill: A instead
         (({"A", "B"}, 0, {}, 0.2), ([], [])),  # no free row for c0: parking B would not help it
-        (({"A", "B"}, 4, {"P": t0 + 0.05}, 0.2), ([], ["B", "A"])),  # P waits too
-        (({"A", "B"}, 4, {"P": t0 + 0.15}, 0.2), ([], ["B"])),  # ... but not long enough yet
+        (({"A", "B"}, 4, {"P": t0 - 0.5}, 0.2), ([], ["B", "A"])),  # P waited a turn too
+        (({"A", "B"}, 4, {"P": t0 + 0.1}, 0.2), ([], ["B"])),  # ... not yet
     ]
     for (movable, free, parked, after), expected in table:
         assert s.rotate(running, parked, turns, movable, 2, free, t0 + after) == expected
-    late = {"A": t0 - 1.0, "B": t0 - 0.2}  # B's turn began 0.4 s before the check: too short
-    assert s.rotate(running, {}, late, {"A", "B"}, 2, 4, t0 + 0.2) == ([], ["A"])
+    short = {"A": t0 - 3.0, "B": t0 - 0.2}  # B's turn began 0.4 s before the check: too short
+    assert s.rotate(running, {}, short, {"A", "B"}, 2, 4, t0 + 0.2) == ([], ["A"])
 
 
-def test_rotate_resumes_parked_adapters_oldest_first(loop):
-    s = Scheduler(max_queue=100, max_slot_wait=0.1, min_turn=0.5)
+def test_rotate_resumes_parked_adapters_oldest_first_after_starved_queued_ones(loop):
+    s = Scheduler(max_queue=100, max_slot_wait=0.1, min_turn=5.0)
     queued = req(loop, "Q", "q0")
     s.add(queued)
     t0 = queued.arrived
-    parked = {"P1": t0 - 1.0, "P2": t0 + 1.0, "P3": t0 + 2.0}
-    turns = {"A": t0 + 2.8}  # A's turn is too young to end for P2 and P3, who wait
-    # three slots, A runs: two free. P1 (oldest) resumes; Q's turn is next, left to pick
-    assert s.rotate(Counter(A=1), parked, turns, {"A"}, 3, 4, t0 + 3.0) == (["P1"], [])
+    parked = {"P1": t0 - 0.5, "P2": t0 - 1.0, "P3": t0 - 0.2}
+    # four slots, A runs: three free, for Q (starved), then P2 and P1
+    assert s.rotate(Counter(A=1), parked, {"A": t0}, {"A"}, 4, 4, t0 + 3.0) == (["P2", "P1"], [])
+    # before Q starves, the parked ones come first
+    assert s.rotate(Counter(A=1), parked, {"A": t0}, {"A"}, 4, 4, t0 + 0.05) == (["P2", "P1", "P3"], [])
     # a new request of P3's own runs again: its parked rows join it at no slot's cost
-    assert s.rotate(Counter(A=1, P3=1), parked, turns, {"A"}, 3, 4, t0 + 3.0) == (["P3", "P1"], [])
-    # A's turn is over: P2 has waited longest of those left without a slot
-    assert s.rotate(Counter(A=1), parked, turns, {"A"}, 3, 4, t0 + 3.4) == (["P1"], ["A"])
+    assert s.rotate(Counter(A=1, P3=1), parked, {"A": t0}, {"A"}, 4, 4, t0 + 3.0) == (["P3", "P2"], [])
 
 
 def test_prefill_token_budget(loop):

@@ -282,7 +282,7 @@ class Engine:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
             free = self.max_batch_size - self._admitted.total()
             picked = (self.scheduler.pick(free, self._admitted - self._parked_rows, self.slots.num_slots,
-                                          self.max_prefill_tokens, self._parked) if free > 0 else [])
+                                          self.max_prefill_tokens, self._parked, now) if free > 0 else [])
             self._admitted.update(r.adapter_id for r in picked)
             for r in picked:
                 if r.adapter_id:

@@ -17,11 +17,9 @@ class Scheduler:
     counting rows already running gives every waiting adapter its turn within a step or two.
 
     Slots are time-sliced (`rotate`) when more adapters have work than there are slots:
-    adapters waiting for a slot (queued requests of an adapter without running rows, and
-    *parked* adapters, whose rows sit out steps with their KV kept) get slots oldest first;
-    once the oldest has waited `max_slot_wait` seconds, the running adapter whose turn began
-    longest ago (at least `min_turn` seconds ago, so that slots do not churn) is parked
-    for it. Without that, a request
+    a queued adapter without running rows whose request waited `max_slot_wait` seconds
+    parks a running adapter whose turn lasted `min_turn` (so that slots do not churn);
+    parked rows sit out steps with their KV kept and get the next free slots. Without that, a request
     for a cold adapter waited for a whole answer of some resident adapter to end (p50 TTFT
     10x and 53x idle with 32 and 128 adapters on 16 slots; bench/README.md).
     """
@@ -54,14 +52,14 @@ class Scheduler:
         self._count -= len(removed)
         return removed
 
-    def pick(self, free_rows: int, running: Counter[str], max_adapters: int,
-             max_tokens: int | None = None, parked: dict[str, float] | None = None) -> list[Request]:
+    def pick(self, free_rows: int, running: Counter[str], max_adapters: int, max_tokens: int | None = None,
+             parked: dict[str, float] | None = None, now: float | None = None) -> list[Request]:
         """Choose up to `free_rows` requests. `running` counts the batch's active rows per
         adapter; distinct adapters in the batch stay within `max_adapters` (the device
-        slots), and a slot goes to a new adapter only if no parked adapter ({adapter: time
-        parked}) has waited longer for one. The bare base, "", needs no slot. `max_tokens`
-        bounds the picked prompts as one left-padded prefill (rows x longest), at least one
-        request whatever its length."""
+        slots), and a new adapter takes a slot before parked ones ({adapter: time parked})
+        only once its oldest request has waited `max_slot_wait` (at `now`). The bare base,
+        "", needs no slot. `max_tokens` bounds the picked prompts as one left-padded
+        prefill (rows x longest), at least one request whatever its length."""
         rows = Counter(running)
         in_batch = {a for a, n in rows.items() if a and n > 0}
         parked = parked or {}
@@ -71,7 +69,8 @@ class Scheduler:
         def has_slot(a: str) -> bool:
             if not a or a in in_batch:
                 return True
-            ahead = sum(1 for b, t in parked.items() if b != a and b not in in_batch and t < self._queues[a][0].arrived)
+            starving = now is not None and now - self._queues[a][0].arrived >= self.max_slot_wait
+            ahead = 0 if starving else sum(1 for b in parked if b != a and b not in in_batch)
             return len(in_batch) + ahead < max_adapters
 
         while len(picked) < free_rows:
@@ -98,22 +97,26 @@ class Scheduler:
         to park). `running` counts active rows per adapter, `parked` says since when each
         parked adapter waits, `turns` since when each running adapter holds its slot;
         only `movable` adapters (all rows in the batch, none in prefill) can be parked.
-        Waiters are served oldest first: a free slot due to a queued adapter is left to
-        `pick`. A parked adapter that runs again (a new request of its own brought it
-        back) resumes without a slot of its own."""
+
+        Slots go first to queued adapters whose oldest request waited `max_slot_wait` (no
+        first token yet), then to parked adapters, oldest first, then to the other queued
+        ones (a queued adapter's slot is left to `pick`). Each of the first kind left
+        without a slot, and each parked adapter that waited `min_turn`, parks one running
+        adapter whose turn lasted `min_turn`: the one with the fewest rows, then the
+        longest turn. A parked adapter that runs again (a new request of its own brought
+        it back) resumes without a slot of its own."""
         in_batch = {a for a, n in running.items() if a and n > 0}
-        since = {a: t for a, t in parked.items() if a not in in_batch}
         queued = sorted((a for a in self._queues if a and a not in in_batch),
-                        key=lambda a: self._queues[a][0].arrived)
-        for a in queued[:max(free_rows, 0)]:  # a queued adapter needs a free row too
-            since[a] = min(since.get(a, now), self._queues[a][0].arrived)
-        waiters = sorted(since, key=lambda a: (since[a], a))
+                        key=lambda a: self._queues[a][0].arrived)[:max(free_rows, 0)]  # each needs a row
+        starving = [a for a in queued if now - self._queues[a][0].arrived >= self.max_slot_wait]
+        waiting = sorted((a for a in parked if a not in in_batch and a not in starving), key=lambda a: parked[a])
+        order = starving + waiting + [a for a in queued if a not in starving and a not in parked]
         free = max(max_adapters - len(in_batch), 0)
-        resume = [a for a in parked if a in in_batch] + [a for a in waiters[:free] if a in parked]
-        starved = sum(1 for a in waiters[free:] if now - since[a] >= self.max_slot_wait)
-        done = sorted((t, a) for a, t in turns.items()
-                      if a in movable and a in in_batch and now - t >= self.min_turn)
-        return resume, [a for _, a in done[:starved]]
+        resume = [a for a in parked if a in in_batch] + [a for a in order[:free] if a in parked]
+        need = sum(1 for a in order[free:] if a in starving or now - parked.get(a, now) >= self.min_turn)
+        victims = sorted((a for a, t in turns.items() if a in movable and a in in_batch and now - t >= self.min_turn),
+                         key=lambda a: (running[a], turns[a]))
+        return resume, victims[:need]
 
     def _set(self, adapter_id: str, queue: deque[Request]) -> None:
         if queue:
