@@ -24,7 +24,7 @@ class Scheduler:
     10x and 53x idle with 32 and 128 adapters on 16 slots; bench/README.md).
     """
 
-    def __init__(self, max_queue: int, max_slot_wait: float = 0.1, min_turn: float = 0.5) -> None:
+    def __init__(self, max_queue: int, max_slot_wait: float = 0.05, min_turn: float = 1.5) -> None:
         self.max_queue = max_queue
         self.max_slot_wait = max_slot_wait
         self.min_turn = min_turn
