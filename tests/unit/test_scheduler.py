@@ -97,18 +97,27 @@ def test_rotate_parks_a_running_adapter_for_each_starved_waiter(loop):
     running = Counter(A=2, B=1)
     turns = {"A": t0 - 3.0, "B": t0 - 1.0}
     table = [
-        # (movable, free rows, parked {adapter: since}, seconds after c0) -> (resume, park)
-        (({"A", "B"}, 4, {}, 0.05), ([], [])),  # c0 has not waited long enough
-        (({"A", "B"}, 4, {}, 0.2), ([], ["B"])),  # B: fewer rows, though A's turn is longer
-        (({"A"}, 4, {}, 0.2), ([], ["A"])),  # B has a row in prefill: A instead
-        (({"A", "B"}, 0, {}, 0.2), ([], [])),  # no free row for c0: parking B would not help it
-        (({"A", "B"}, 4, {"P": t0 - 0.5}, 0.2), ([], ["B", "A"])),  # P waited a turn too
-        (({"A", "B"}, 4, {"P": t0 + 0.1}, 0.2), ([], ["B"])),  # ... not yet
+        # (movable, free rows, parked {adapter: since}, seconds after c0) -> (resume, park, hold)
+        (({"A", "B"}, 4, {}, 0.05), ([], [], [])),  # c0 has not waited long enough
+        (({"A", "B"}, 4, {}, 0.2), ([], ["B"], [])),  # B: fewer rows, though A's turn is longer
+        (({"A"}, 4, {}, 0.2), ([], ["A"], [])),  # B has a row in prefill: A instead
+        ((set(), 4, {}, 0.2), ([], [], ["B"])),  # neither can go now: B gets no new rows till it can
+        (({"A", "B"}, 0, {}, 0.2), ([], [], [])),  # no free row for c0: parking B would not help it
+        (({"A", "B"}, 4, {"P": t0 - 0.5}, 0.2), ([], ["B", "A"], [])),  # P waited a turn too
+        (({"A", "B"}, 4, {"P": t0 + 0.1}, 0.2), ([], ["B"], [])),  # ... not yet
     ]
     for (movable, free, parked, after), expected in table:
         assert s.rotate(running, parked, turns, movable, 2, free, t0 + after) == expected
     short = {"A": t0 - 3.0, "B": t0 - 0.2}  # B's turn began 0.4 s before the check: too short
-    assert s.rotate(running, {}, short, {"A", "B"}, 2, 4, t0 + 0.2) == ([], ["A"])
+    assert s.rotate(running, {}, short, {"A", "B"}, 2, 4, t0 + 0.2) == ([], ["A"], [])
+
+
+def test_held_adapters_get_no_new_rows(loop):
+    s = Scheduler(max_queue=100)
+    s.add(req(loop, "hot", "h0"))
+    s.add(req(loop, "cold", "c0"))
+    assert names(s.pick(5, Counter(hot=3), 2, held={"hot"})) == ["c0"]
+    assert names(s.pick(5, Counter(hot=3), 2)) == ["h0"]
 
 
 def test_rotate_resumes_parked_adapters_oldest_first_after_starved_queued_ones(loop):
@@ -118,11 +127,11 @@ def test_rotate_resumes_parked_adapters_oldest_first_after_starved_queued_ones(l
     t0 = queued.arrived
     parked = {"P1": t0 - 0.5, "P2": t0 - 1.0, "P3": t0 - 0.2}
     # four slots, A runs: three free, for Q (starved), then P2 and P1
-    assert s.rotate(Counter(A=1), parked, {"A": t0}, {"A"}, 4, 4, t0 + 3.0) == (["P2", "P1"], [])
+    assert s.rotate(Counter(A=1), parked, {"A": t0}, {"A"}, 4, 4, t0 + 3.0) == (["P2", "P1"], [], [])
     # before Q starves, the parked ones come first
-    assert s.rotate(Counter(A=1), parked, {"A": t0}, {"A"}, 4, 4, t0 + 0.05) == (["P2", "P1", "P3"], [])
+    assert s.rotate(Counter(A=1), parked, {"A": t0}, {"A"}, 4, 4, t0 + 0.05) == (["P2", "P1", "P3"], [], [])
     # a new request of P3's own runs again: its parked rows join it at no slot's cost
-    assert s.rotate(Counter(A=1, P3=1), parked, {"A": t0}, {"A"}, 4, 4, t0 + 3.0) == (["P3", "P2"], [])
+    assert s.rotate(Counter(A=1, P3=1), parked, {"A": t0}, {"A"}, 4, 4, t0 + 3.0) == (["P3", "P2"], [], [])
 
 
 def test_prefill_token_budget(loop):

@@ -85,6 +85,7 @@ class Engine:
         self._parked_rows: Counter[str] = Counter()  # of those, rows parked, per adapter
         self._parked: dict[str, float] = {}  # parked adapter -> when it was parked
         self._turns: dict[str, float] = {}  # adapter with active rows -> since when it has a slot
+        self._held: set[str] = set()  # adapters due to be parked that get no new rows meanwhile
         self._prefilled: deque[tuple[list[Row], Group]] = deque()  # prefill -> decode thread
         self._admit_wake = threading.Event()
         self._decode_wake = threading.Event()
@@ -282,7 +283,8 @@ class Engine:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
             free = self.max_batch_size - self._admitted.total()
             picked = (self.scheduler.pick(free, self._admitted - self._parked_rows, self.slots.num_slots,
-                                          self.max_prefill_tokens, self._parked, now) if free > 0 else [])
+                                          self.max_prefill_tokens, self._parked, now, self._held)
+                      if free > 0 else [])
             self._admitted.update(r.adapter_id for r in picked)
             for r in picked:
                 if r.adapter_id:
@@ -422,14 +424,17 @@ class Engine:
         turn has come (`Scheduler.rotate`). Pins change under the lock with the counts, so
         admission never sees a slot free that is still pinned, nor misses one."""
         if self.batch is None or (not self._parked and len(self._turns) < self.slots.num_slots):
+            self._held = set()
             return  # every adapter with work has a slot (read without the lock: a hint)
         m, now = self.batch.active, time.monotonic()
         in_rows = Counter(r.req.adapter_id for r in self.rows[:m])
         with self._lock:
             running = self._admitted - self._parked_rows
             movable = {a for a, n in in_rows.items() if a and n == running[a]}
-            resume, park = self.scheduler.rotate(running, self._parked, self._turns, movable, self.slots.num_slots,
-                                                 self.max_batch_size - self._admitted.total(), now)
+            resume, park, hold = self.scheduler.rotate(running, self._parked, self._turns, movable,
+                                                       self.slots.num_slots,
+                                                       self.max_batch_size - self._admitted.total(), now)
+            self._held = set(hold)
             parking = [r for r in self.rows[:m] if r.req.adapter_id in park]
             for a in park:
                 self._parked[a], self._parked_rows[a] = now, in_rows[a]

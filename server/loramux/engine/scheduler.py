@@ -53,13 +53,15 @@ class Scheduler:
         return removed
 
     def pick(self, free_rows: int, running: Counter[str], max_adapters: int, max_tokens: int | None = None,
-             parked: dict[str, float] | None = None, now: float | None = None) -> list[Request]:
+             parked: dict[str, float] | None = None, now: float | None = None,
+             held: set[str] | frozenset[str] = frozenset()) -> list[Request]:
         """Choose up to `free_rows` requests. `running` counts the batch's active rows per
         adapter; distinct adapters in the batch stay within `max_adapters` (the device
         slots), and a new adapter takes a slot before parked ones ({adapter: time parked})
         only once its oldest request has waited `max_slot_wait` (at `now`). The bare base,
         "", needs no slot. `max_tokens` bounds the picked prompts as one left-padded
-        prefill (rows x longest), at least one request whatever its length."""
+        prefill (rows x longest), at least one request whatever its length. `held` adapters
+        (see `rotate`) get no new rows."""
         rows = Counter(running)
         in_batch = {a for a, n in rows.items() if a and n > 0}
         parked = parked or {}
@@ -67,6 +69,8 @@ class Scheduler:
         widest = 0  # the longest picked prompt: the prefill's padded width
 
         def has_slot(a: str) -> bool:
+            if a in held:
+                return False
             if not a or a in in_batch:
                 return True
             starving = now is not None and now - self._queues[a][0].arrived >= self.max_slot_wait
@@ -92,18 +96,21 @@ class Scheduler:
         return picked
 
     def rotate(self, running: Counter[str], parked: dict[str, float], turns: dict[str, float],
-               movable: set[str], max_adapters: int, free_rows: int, now: float) -> tuple[list[str], list[str]]:
+               movable: set[str], max_adapters: int, free_rows: int,
+               now: float) -> tuple[list[str], list[str], list[str]]:
         """The slots' turns between two steps: (parked adapters to resume, running adapters
-        to park). `running` counts active rows per adapter, `parked` says since when each
-        parked adapter waits, `turns` since when each running adapter holds its slot;
-        only `movable` adapters (all rows in the batch, none in prefill) can be parked.
+        to park, running adapters to hold). `running` counts active rows per adapter,
+        `parked` says since when each parked adapter waits, `turns` since when each running
+        adapter holds its slot. Only `movable` adapters (all rows in the batch, none in
+        prefill) can be parked; a chosen one that is not is *held*: `pick` gives it no new
+        rows until its rows in prefill have joined, so a hot adapter cannot dodge its turn.
 
         Slots go first to queued adapters whose oldest request waited `max_slot_wait` (no
         first token yet), then to parked adapters, oldest first, then to the other queued
         ones (a queued adapter's slot is left to `pick`). Each of the first kind left
         without a slot, and each parked adapter that waited `min_turn`, parks one running
         adapter whose turn lasted `min_turn`: the one with the fewest rows, then the
-        longest turn. A parked adapter that runs again (a new request of its own brought
+        longest turn, movable ones first. A parked adapter that runs again (a new request of its own brought
         it back) resumes without a slot of its own."""
         in_batch = {a for a, n in running.items() if a and n > 0}
         queued = sorted((a for a in self._queues if a and a not in in_batch),
@@ -114,9 +121,9 @@ class Scheduler:
         free = max(max_adapters - len(in_batch), 0)
         resume = [a for a in parked if a in in_batch] + [a for a in order[:free] if a in parked]
         need = sum(1 for a in order[free:] if a in starving or now - parked.get(a, now) >= self.min_turn)
-        victims = sorted((a for a, t in turns.items() if a in movable and a in in_batch and now - t >= self.min_turn),
-                         key=lambda a: (running[a], turns[a]))
-        return resume, victims[:need]
+        victims = sorted((a for a, t in turns.items() if a in in_batch and now - t >= self.min_turn),
+                         key=lambda a: (a not in movable, running[a], turns[a]))[:need]
+        return resume, [a for a in victims if a in movable], [a for a in victims if a not in movable]
 
     def _set(self, adapter_id: str, queue: deque[Request]) -> None:
         if queue:
