@@ -48,10 +48,7 @@ def join_and_leave(runner: Runner, batch, rows: list[str], plan: dict, step: int
     joining = [name for name, entry in plan.items() if entry[2] == step]
     if joining:
         logits, group = runner.prefill([ids(runner, plan[n][0]) for n in joining], [-1] * len(joining))
-        if batch is None:
-            batch, rows = merge(None, group), list(joining)
-        else:
-            rows = [(rows + joining)[i] for i in batch.append(group)]
+        batch, rows = merge(batch, group), rows + joining
         record(got, joining, logits)
     done = {i for i, name in enumerate(rows) if len(got[name][0]) >= plan[name][1]}
     if len(done) == len(rows):
@@ -131,51 +128,48 @@ def test_decode_calls_back_before_each_decoder_layer_and_not_in_prefill(runner):
 
 
 @pytest.mark.parametrize("room", [(64, 64), (0, 1)], ids=["default-room", "relayout-every-step"])
-def test_parked_rows_go_on_where_they_stopped(runner, monkeypatch, room):
-    """Rows parked for some steps (their adapter gave its slot up) miss those steps' columns
-    and positions; rows join, leave and resume around them; every row's tokens and logits
-    still equal the row run alone."""
+def test_rows_taken_out_and_put_back_go_on_where_they_stopped(runner, monkeypatch, room):
+    """Rows taken out for some steps (their adapter gave its slot up) and appended again
+    later, while rows join and leave around them: every row's tokens and logits still
+    equal the row run alone, and a row put back is no wider than its own tokens."""
     monkeypatch.setattr(runner_mod, "LEFT_ROOM", room[0])
     monkeypatch.setattr(runner_mod, "RIGHT_ROOM", room[1])
-    plan = {  # name: (prompt, new tokens, step it joins, steps it is parked)
-        "p": (b"parked early", 10, 0, range(1, 4)),
+    plan = {  # name: (prompt, new tokens, step it joins, steps it is out)
+        "p": (b"out early", 10, 0, range(1, 4)),
         "q": (b"runs throughout", 14, 0, range(0)),
-        "r": (b"parked twice, then leaves", 9, 0, [*range(2, 5), *range(7, 9)]),
-        "s": (b"joins while others are parked", 6, 3, range(0)),
+        "r": (b"out twice, then leaves", 9, 0, [*range(2, 5), *range(7, 9)]),
+        "s": (b"joins while others are out", 6, 3, range(0)),
         "t": (b"t", 7, 5, range(6, 8)),
     }
     want = {name: alone(runner, ids(runner, text), n) for name, (text, n, _, _) in plan.items()}
-    batch, rows, got = None, [], {name: ([], []) for name in plan}
+    batch, rows, got, out = None, [], {name: ([], []) for name in plan}, {}
     for step in range(40):
         batch, rows = join_and_leave(runner, batch, rows, plan, step, got)
+        for name in [n for n in out if step not in plan[n][3]]:  # back in
+            batch = merge(batch, out.pop(name))
+            rows.append(name)
+            assert batch.mask[len(rows) - 1, batch.lo : batch.hi].sum() == len(ids(runner, plan[name][0])) + len(got[name][0]) - 1
+        leaving = {i for i, name in enumerate(rows) if step in plan[name][3]}
+        if leaving:
+            group, order = batch.take(leaving)
+            for k, i in enumerate(sorted(leaving)):
+                out[rows[i]] = group.select([k])
+            batch, rows = (batch, [rows[i] for i in order]) if order else (None, [])
         if batch is None:
             continue
-        out = {i for i, name in enumerate(rows) if step in plan[name][3]}
-        back = {i: -1 for i in range(batch.active, batch.size) if i not in out}
-        if back:
-            rows = [rows[i] for i in batch.resume(back)]
-        park = {i for i, name in enumerate(rows) if step in plan[name][3] and i < batch.active}
-        if park:
-            rows = [rows[i] for i in batch.park(park)]
-        assert {rows[i] for i in range(batch.active, batch.size)} == {n for n in rows if step in plan[n][3]}
-        if not batch.active:
-            continue
-        record(got, rows, runner.decode(batch, [got[name][0][-1] for name in rows[: batch.active]]))
+        record(got, rows, runner.decode(batch, [got[name][0][-1] for name in rows]))
     for name, (tokens, logits) in want.items():
         assert got[name][0] == tokens, name
         torch.testing.assert_close(torch.stack(got[name][1]), torch.stack(logits), atol=1e-4, rtol=1e-4)
 
 
-def test_parking_and_resuming_move_only_the_rows_that_change_part(runner):
-    prompts = [ids(runner, t) for t in (b"r0", b"r1", b"r2", b"r3", b"r4")]
-    _, group = runner.prefill(prompts, [-1, 0, 1, 0, -1])
+def test_taking_rows_out_packs_each_rows_columns_to_the_right(runner):
+    prompts = [ids(runner, t) for t in (b"r0", b"a longer row one", b"r2")]
+    _, group = runner.prefill(prompts, [-1, 0, 1])
     batch = merge(None, group)
-    rows = ["r0", "r1", "r2", "r3", "r4"]
-    rows = [rows[i] for i in batch.park({1, 3})]
-    assert rows == ["r0", "r4", "r2", "r3", "r1"] and batch.active == 3  # r4 fills r1's place
-    assert batch.slots == [-1, -1, 1, 0, 0]
-    rows = [rows[i] for i in batch.resume({4: 1})]  # r1 comes back, in its adapter's new slot
-    assert rows == ["r0", "r4", "r2", "r1", "r3"] and batch.active == 4
-    assert batch.slots == [-1, -1, 1, 1, 0]
-    rows = [rows[i] for i in batch.remove({1})]  # active r4 leaves: r1 fills, parked r3 follows
-    assert rows == ["r0", "r1", "r2", "r3"] and batch.active == 3 and batch.size == 4
+    runner.decode(batch, [5, 5, 5])
+    taken, order = batch.take({0, 2})
+    assert order == [1] and batch.size == 1
+    assert taken.slots == [-1, 1] and taken.next_pos == [len(prompts[0]) + 1, len(prompts[2]) + 1]
+    assert taken.mask.tolist() == [[1] * (len(prompts[0]) + 1)] * 2  # as narrow as its rows
+    assert taken.kv[0][0].shape[2] == len(prompts[0]) + 1

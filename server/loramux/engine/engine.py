@@ -2,11 +2,11 @@
 
 The prefill thread admits waiting requests into free rows, prefills them together and
 streams their first tokens; the decode thread merges those rows into the running batch
-between steps and decodes one token for every active row: continuous batching, with
-prompts never stalling the running rows. When more adapters have work than there are
-slots, the decode thread also time-slices the slots between steps (`_rotate`): it parks
-the rows of an adapter whose turn is over, keeping their KV, and resumes parked rows
-when their adapter's turn comes. Tokens cross to the gRPC event loop through each
+between steps and decodes one token for every row: continuous batching, with prompts
+never stalling the running rows. When more adapters have work than there are slots, the
+decode thread also time-slices the slots between steps (`_rotate`): it parks the rows of
+an adapter whose turn is over (out of the batch, with their KV, onto a shelf) and puts
+them back when their adapter's turn comes. Tokens cross to the gRPC event loop through each
 request's queue (`Request.emit`).
 """
 
@@ -56,7 +56,7 @@ class Row:
     sampling: Sampling
     generator: object
     slot: int
-    parked: bool = False  # sits out steps: its adapter gave its slot up (no pin held)
+    parked: bool = False  # on the shelf: its adapter gave its slot up (no pin held)
 
 
 class Engine:
@@ -86,6 +86,7 @@ class Engine:
         self._parked: dict[str, float] = {}  # parked adapter -> when it was parked
         self._turns: dict[str, float] = {}  # adapter with active rows -> since when it has a slot
         self._held: set[str] = set()  # adapters due to be parked that get no new rows meanwhile
+        self._shelf: dict[str, tuple[list[Row], Group]] = {}  # parked rows by adapter (decode thread)
         self._prefilled: deque[tuple[list[Row], Group]] = deque()  # prefill -> decode thread
         self._admit_wake = threading.Event()
         self._decode_wake = threading.Event()
@@ -217,15 +218,15 @@ class Engine:
                 self._join_prefilled()
                 self._drop_gone_rows()
                 self._rotate()
-                if self.batch is not None and self.batch.active:
+                if self.rows:
                     self._decode()
             except Exception as exc:  # never let the loop die
                 log.exception("engine step failed")
                 self._abandon_rows(exc)
             self.metrics.running.set(len(self.rows))
-            self.metrics.parked.set(len(self.rows) - (self.batch.active if self.batch is not None else 0))
-            if self.batch is None or not self.batch.active:  # parked rows wait for a release
-                self._decode_wake.wait(timeout=0.05 if self.rows else 0.5)
+            self.metrics.parked.set(sum(len(rows) for rows, _ in self._shelf.values()))
+            if not self.rows:  # parked rows wait for a slot to free
+                self._decode_wake.wait(timeout=0.05 if self._shelf else 0.5)
                 self._decode_wake.clear()
 
     def _join_prefilled(self) -> None:
@@ -237,15 +238,16 @@ class Engine:
                 if not keep:
                     continue
                 rows, group = [rows[i] for i in keep], group.select(keep)
-            if self.batch is None:
-                self.batch, self.rows = merge(None, group), rows
-            else:  # the new rows go before any parked ones
-                self._reorder(self.batch.append(group), self.rows + rows)
+            self._join(rows, group)
             if any(r.req.inject_fault == "crash" for r in rows):  # checked once per row, not per step
                 raise faults.InjectedFault("injected engine crash")
 
+    def _join(self, rows: list[Row], group: Group) -> None:
+        self.batch = merge(self.batch, group)
+        self.rows += rows
+
     def _decode(self) -> None:
-        rows = self.rows[: self.batch.active]
+        rows = self.rows
         self.metrics.batch_size.observe(len(rows))
         self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in rows if r.req.adapter_id}))
         try:
@@ -395,10 +397,18 @@ class Engine:
     def _drop_gone_rows(self) -> None:
         now = time.monotonic()
         expired = DeadlineExceeded("deadline passed while generating")
-        gone = {i: None if r.req.cancelled else expired for i, r in enumerate(self.rows)
-                if r.req.cancelled or r.req.expired(now)}
-        if gone:
-            self._fail_rows(gone)
+
+        def gone(rows: list[Row]) -> dict[int, Exception | None]:
+            return {i: None if r.req.cancelled else expired for i, r in enumerate(rows)
+                    if r.req.cancelled or r.req.expired(now)}
+
+        errors = gone(self.rows)
+        if errors:
+            self._fail_rows(errors)
+        for adapter_id, (rows, _) in list(self._shelf.items()):
+            errors = gone(rows)
+            if errors:
+                self._fail_shelved(adapter_id, errors)
 
     def _fail_rows(self, errors: dict[int, Exception | None]) -> None:
         """End running rows {index: error} (None: cancelled) and take them out of the batch."""
@@ -420,14 +430,14 @@ class Engine:
 
     # --- time-slicing the slots (decode thread, between steps) ----------------------------
     def _rotate(self) -> None:
-        """Park the rows of adapters whose turn is over and resume parked adapters whose
+        """Park the rows of adapters whose turn is over and put back parked adapters whose
         turn has come (`Scheduler.rotate`). Pins change under the lock with the counts, so
         admission never sees a slot free that is still pinned, nor misses one."""
-        if self.batch is None or (not self._parked and len(self._turns) < self.slots.num_slots):
+        if not self._shelf and len(self._turns) < self.slots.num_slots:
             self._held = set()
             return  # every adapter with work has a slot (read without the lock: a hint)
-        m, now = self.batch.active, time.monotonic()
-        in_rows = Counter(r.req.adapter_id for r in self.rows[:m])
+        now = time.monotonic()
+        in_rows = Counter(r.req.adapter_id for r in self.rows)
         with self._lock:
             running = self._admitted - self._parked_rows
             movable = {a for a, n in in_rows.items() if a and n == running[a]}
@@ -435,40 +445,64 @@ class Engine:
                                                        self.slots.num_slots,
                                                        self.max_batch_size - self._admitted.total(), now)
             self._held = set(hold)
-            parking = [r for r in self.rows[:m] if r.req.adapter_id in park]
             for a in park:
                 self._parked[a], self._parked_rows[a] = now, in_rows[a]
                 del self._turns[a]
-            for row in parking:
-                row.parked = True
-                self.slots.release(row.req.adapter_id)
+            for row in self.rows:
+                if row.req.adapter_id in park:
+                    row.parked = True
+                    self.slots.release(row.req.adapter_id)
             back, failed = self._take_slots(resume, now)
-        if parking:
+        for a in park:
+            self._shelve(a)
+        if park:
             self.metrics.adapter_preemptions.inc(len(park))
-            self._reorder(self.batch.park({i for i in range(m) if self.rows[i].parked}), self.rows)
             self._admit_wake.set()
-        if failed:
-            self._fail_rows({i: failed[id(r)] for i, r in enumerate(self.rows) if id(r) in failed})
-        if back:
-            self._reorder(self.batch.resume({i: back[id(r)] for i, r in enumerate(self.rows) if id(r) in back}),
-                          self.rows)
+        for a, error in failed.items():
+            self._fail_shelved(a, dict.fromkeys(range(len(self._shelf[a][0])), error))
+        for a, slot in back.items():
+            rows, group = self._shelf.pop(a)
+            group.slots = [slot] * len(rows)
+            self._join(rows, group)
 
-    def _take_slots(self, adapters: list[str], now: float) -> tuple[dict[int, int], dict[int, Exception]]:
-        """Pin parked adapters' slots again (under the lock): {id(row): slot} for the rows
-        that resume, {id(row): error} for those whose adapter no longer loads."""
+    def _shelve(self, adapter_id: str) -> None:
+        """Take an adapter's rows out of the batch, with their KV, onto the shelf."""
+        take = {i for i, r in enumerate(self.rows) if r.req.adapter_id == adapter_id}
+        rows = [self.rows[i] for i in sorted(take)]
+        if len(take) == len(self.rows):
+            group, _ = self.batch.take(take)
+            self.batch, self.rows = None, []
+        else:
+            group, order = self.batch.take(take)
+            self._reorder(order, self.rows)
+        self._shelf[adapter_id] = (rows, group)
+
+    def _fail_shelved(self, adapter_id: str, errors: dict[int, Exception | None]) -> None:
+        """End parked rows {index on the shelf: error} (None: cancelled)."""
+        rows, group = self._shelf.pop(adapter_id)
+        for i, error in errors.items():
+            self._release(rows[i])
+            self._fail(rows[i].req, error)
+        keep = [i for i in range(len(rows)) if i not in errors]
+        if keep:
+            self._shelf[adapter_id] = ([rows[i] for i in keep], group.select(keep))
+
+    def _take_slots(self, adapters: list[str], now: float) -> tuple[dict[str, int], dict[str, Exception]]:
+        """Pin parked adapters' slots again (under the lock): {adapter: slot} for those whose
+        rows go back into the batch, {adapter: error} for those that no longer load."""
         back, failed = {}, {}
         for a in adapters:
-            rows = [r for r in self.rows if r.parked and r.req.adapter_id == a]
+            rows = self._shelf[a][0]
             try:
                 slot = self.slots.acquire(a)
             except Exception as exc:
-                failed.update(dict.fromkeys(map(id, rows), _load_error(a, exc)))
+                failed[a] = _load_error(a, exc)
                 continue
             for _ in rows[1:]:
                 self.slots.acquire(a)  # one pin per row; the adapter is resident now
             for row in rows:
                 row.parked, row.slot = False, slot
-                back[id(row)] = slot
+            back[a] = slot
             del self._parked[a], self._parked_rows[a]
             self._turns.setdefault(a, now)
         return back, failed

@@ -3,8 +3,8 @@
 Rows of different lengths share one left-padded KV cache: a 2-D attention mask hides the
 padding and explicit position ids keep each row's positions its own, so a row's output
 does not depend on the rows beside it. Rows join (`merge`) and leave (`Batch.remove`)
-between steps: continuous batching. Rows can also sit out steps (`Batch.park`) with
-their keys and values kept, while their adapter waits for a slot.
+between steps: continuous batching. Rows can also step out with their keys and values
+(`Batch.take`) and join again later, e.g. while their adapter waits for a slot.
 """
 
 from __future__ import annotations
@@ -73,10 +73,7 @@ class Batch:
 
     Live rows are 0..size-1 and live columns lo..hi-1 of buffers with room to spare, so
     each change copies only what changes: a decode step writes one column, a leaving row
-    is replaced by the last live row, a joining group is copied into free rows. Rows
-    0..active-1 take part in decode steps; the rest are parked: a parked row misses the
-    steps' columns (its mask keeps them 0) and its position stays, so when it comes back
-    it goes on exactly where it stopped. Padding
+    is replaced by the last live row, a joining group is copied into free rows. Padding
     and stale columns are hidden by the mask (attention gives them weight 0; buffers start
     zeroed so that stale values are always finite: 0 x NaN would still be NaN).
     Whatever changes it runs in inference mode: its buffers may be made during a step, and
@@ -85,7 +82,7 @@ class Batch:
 
     @torch.inference_mode()
     def __init__(self, group: Group) -> None:
-        self.n, self.m, self.lo, self.hi = 0, 0, 0, 0  # rows, active rows, live columns
+        self.n, self.lo, self.hi = 0, 0, 0
         self.next_pos: list[int] = []
         self.slots: list[int] = []
         k0 = group.kv[0][0]
@@ -99,10 +96,6 @@ class Batch:
     @property
     def size(self) -> int:
         return self.n
-
-    @property
-    def active(self) -> int:
-        return self.m
 
     def _empty(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
         heads, dim = self._shape
@@ -125,8 +118,8 @@ class Batch:
         self.lo, self.hi = left, left + w
 
     def _expose(self) -> None:
-        for layer in self.cache.layers:  # what a step's forward sees: the active rows
-            layer.expose(self.m, self.lo, self.hi)
+        for layer in self.cache.layers:
+            layer.expose(self.n, self.lo, self.hi)
 
     @torch.inference_mode()
     def append(self, group: Group) -> None:
@@ -148,77 +141,62 @@ class Batch:
         self.n += k
         self.next_pos += group.next_pos
         self.slots += group.slots
-        return self._arrange([*range(self.m), *range(self.n - k, self.n)], range(self.m, self.n - k))
+        self._expose()
 
     @torch.inference_mode()
     def remove(self, drop: set[int]) -> list[int]:
-        """Drop rows `drop`; later rows move into their places. Returns, for each row still
-        live, its index before (the caller reorders its own rows the same way)."""
-        order = self._arrange([i for i in range(self.m) if i not in drop],
-                              [i for i in range(self.m, self.n) if i not in drop])
-        if self.n:  # columns that are padding for every remaining row leave the window
-            self.lo += int(self.mask[: self.n, self.lo : self.hi].any(0).nonzero()[0, 0])
-            self._expose()
-        return order
-
-    @torch.inference_mode()
-    def park(self, rows: set[int]) -> list[int]:
-        """Active rows `rows` sit out the next steps, keeping their keys and values.
-        Returns the new order, as `remove` does."""
-        return self._arrange([i for i in range(self.m) if i not in rows],
-                             [*sorted(rows), *range(self.m, self.n)])
-
-    @torch.inference_mode()
-    def resume(self, slots: dict[int, int]) -> list[int]:
-        """Parked rows {index: LoRA slot} take part in steps again, with these slots (their
-        adapter may have come back in another). Returns the new order, as `remove` does."""
-        for i, slot in slots.items():
-            self.slots[i] = slot
-        return self._arrange([*range(self.m), *sorted(slots)],
-                             [i for i in range(self.m, self.n) if i not in slots])
-
-    def _arrange(self, active: list[int], parked) -> list[int]:
-        """Make rows `active` then `parked` (indices now) rows 0..; any other row leaves.
-        A row already inside its part's new range stays put; the others fill the holes, so
-        a change copies only the rows it moves. Returns the old index of each new row."""
-        order, start = [], 0
-        for part in (active, list(parked)):
-            end = start + len(part)
-            movers = iter([i for i in part if not start <= i < end])
-            inside = set(part)
-            order += [i if i in inside else next(movers) for i in range(start, end)]
-            start = end
-        moved = [(new, old) for new, old in enumerate(order) if new != old]
-        if moved:  # the right sides are gathered before anything is written: swaps are safe
-            dst = torch.tensor([new for new, _ in moved], device=self._device)
-            src = torch.tensor([old for _, old in moved], device=self._device)
+        """Drop rows `drop`; the last live rows move into their places. Returns, for each
+        row still live, its index before (the caller reorders its own rows the same way)."""
+        n = self.n - len(drop)
+        holes = [i for i in sorted(drop) if i < n]
+        movers = [i for i in range(n, self.n) if i not in drop]
+        order = list(range(n))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if holes:
+            dst = torch.tensor(holes, device=self._device)
+            src = torch.tensor(movers, device=self._device)
             cols = slice(self.lo, self.hi)
             self.mask[dst, cols] = self.mask[src, cols]
             for layer in self.cache.layers:
                 layer.buf_k[dst, :, cols] = layer.buf_k[src, :, cols]
                 layer.buf_v[dst, :, cols] = layer.buf_v[src, :, cols]
-        self.n, self.m = len(order), len(active)
+        self.n = n
         self.next_pos = [self.next_pos[i] for i in order]
         self.slots = [self.slots[i] for i in order]
+        if n:  # columns that are padding for every remaining row leave the window
+            self.lo += int(self.mask[:n, self.lo : self.hi].any(0).nonzero()[0, 0])
         self._expose()
         return order
 
     @torch.inference_mode()
+    def take(self, rows: set[int]) -> tuple[Group, list[int]]:
+        """Take rows out with their state, as a group that can join again (`append`), and
+        the order of the rows left, as `remove` returns it. Every row's live columns end
+        at the window's right edge, so the group is just as wide as its longest row: rows
+        that sat out come back no wider than their own tokens (keys carry their positions)."""
+        keep = sorted(rows)
+        idx = torch.tensor(keep, device=self._device)
+        mask = self.mask[idx, self.lo : self.hi]
+        cols = slice(self.hi - int(mask.sum(1).max()), self.hi)
+        kv = [(layer.buf_k[idx, :, cols], layer.buf_v[idx, :, cols]) for layer in self.cache.layers]
+        group = Group(kv, self.mask[idx, cols], [self.next_pos[i] for i in keep], [self.slots[i] for i in keep])
+        return group, self.remove(rows)
+
+    @torch.inference_mode()
     def step_mask(self) -> torch.Tensor:
-        """Open one more column for a decode step of the active rows; the mask the model
-        sees for it (parked rows keep 0 in that column)."""
+        """Open one more column for a decode step; the mask the model sees for it."""
         if self.hi >= self.mask.shape[1]:
             self._relayout(self.mask.shape[0], LEFT_ROOM)
-        self.mask[: self.m, self.hi] = 1
-        self.mask[self.m : self.n, self.hi] = 0  # e.g. left by a failed step while active
+        self.mask[: self.n, self.hi] = 1
         self._expose()
-        return self.mask[: self.m, self.lo : self.hi + 1]
+        return self.mask[: self.n, self.lo : self.hi + 1]
 
     @torch.inference_mode()
     def stepped(self) -> None:
         """After a decode step: the new column is live."""
         self.hi += 1
-        self.next_pos[: self.m] = [p + 1 for p in self.next_pos[: self.m]]
+        self.next_pos = [p + 1 for p in self.next_pos]
         self._expose()
 
 
@@ -270,15 +248,14 @@ class Runner:
     @torch.inference_mode()
     def decode(self, batch: Batch, tokens: list[int],
                between_layers: Callable[[], None] | None = None) -> torch.Tensor:
-        """Feed one token per active row, extend the batch's cache; return logits [active,
-        vocab]. `between_layers` runs before each decoder layer (e.g. to hand back borrowed
-        cores)."""
+        """Feed one token per row, extend the batch's cache; return logits [B, vocab].
+        `between_layers` runs before each decoder layer (e.g. to hand back borrowed cores)."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         mask = batch.step_mask()
-        positions = torch.tensor(batch.next_pos[: batch.active], dtype=torch.long, device=self.device).view(-1, 1)
+        positions = torch.tensor(batch.next_pos, dtype=torch.long, device=self.device).view(-1, 1)
         self._between.call = between_layers
         try:
-            logits = self._forward(ids, mask, positions, batch.cache, batch.slots[: batch.active])
+            logits = self._forward(ids, mask, positions, batch.cache, batch.slots)
         finally:
             self._between.call = None
         batch.stepped()
