@@ -60,8 +60,8 @@ def _serve_parser(sub) -> None:
     _add(p, "--max-queue", int, 256, "waiting requests before RESOURCE_EXHAUSTED")
     _add(p, "--max-prefill-tokens", int, 512, "tokens (rows x longest prompt) prefilled together; "
          "smaller starts the first rows of a burst sooner, larger spends less per token")
-    _add(p, "--max-slot-wait", float, 0.05, "seconds an adapter's requests may wait for a device slot "
-         "before a running adapter is parked (its rows sit out steps, KV kept) to give it one")
+    _add(p, "--max-slot-wait", float, 0.02, "seconds an adapter's requests may wait for a device slot "
+         "before a running adapter is parked (its rows leave the batch, KV kept) to give it one")
     _add(p, "--min-slot-turn", float, 1.5, "seconds a running adapter keeps its slot before it may be "
          "parked; larger loads adapters less often, smaller makes waiters wait less")
     _add(p, "--max-new-tokens-limit", int, 1024, "largest max_new_tokens accepted")

@@ -31,7 +31,7 @@ class ServerConfig:
     lend_cores: bool = True  # CPU: decode steps borrow the prefill thread's cores while it idles
     max_queue: int = 256
     max_prefill_tokens: int = 512  # one prefill's rows x longest prompt (one long prompt always fits)
-    max_slot_wait: float = 0.05  # seconds an adapter waits for a slot before a running one is parked for it
+    max_slot_wait: float = 0.02  # seconds an adapter waits for a slot before a running one is parked for it
     min_slot_turn: float = 1.5  # seconds a running adapter keeps its slot before it can be parked
     max_new_tokens_limit: int = 1024
     default_max_new_tokens: int = 64

@@ -148,7 +148,8 @@ def test_rows_taken_out_and_put_back_go_on_where_they_stopped(runner, monkeypatc
         for name in [n for n in out if step not in plan[n][3]]:  # back in
             batch = merge(batch, out.pop(name))
             rows.append(name)
-            assert batch.mask[len(rows) - 1, batch.lo : batch.hi].sum() == len(ids(runner, plan[name][0])) + len(got[name][0]) - 1
+            own = len(ids(runner, plan[name][0])) + len(got[name][0]) - 1  # its prompt and fed tokens
+            assert batch.mask[len(rows) - 1, batch.lo : batch.hi].sum() == own
         leaving = {i for i, name in enumerate(rows) if step in plan[name][3]}
         if leaving:
             group, order = batch.take(leaving)

@@ -65,7 +65,7 @@ class Engine:
     def __init__(self, runner: Runner, store: AdapterStore, slots: AdapterSlots, metrics,
                  max_batch_size: int, max_queue: int, max_model_len: int | None,
                  registry_path: Path | None = None, log_requests: bool = False,
-                 max_slot_wait: float = 0.05, max_prefill_tokens: int | None = None,
+                 max_slot_wait: float = 0.02, max_prefill_tokens: int | None = None,
                  torch_threads: int = 0, lend_cores: bool = False, min_turn: float = 1.5) -> None:
         self.log_requests = log_requests
         self.registry_path = registry_path  # where RPC registrations persist across restarts

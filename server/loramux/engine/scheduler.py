@@ -19,12 +19,12 @@ class Scheduler:
     Slots are time-sliced (`rotate`) when more adapters have work than there are slots:
     a queued adapter without running rows whose request waited `max_slot_wait` seconds
     parks a running adapter whose turn lasted `min_turn` (so that slots do not churn);
-    parked rows sit out steps with their KV kept and get the next free slots. Without that, a request
-    for a cold adapter waited for a whole answer of some resident adapter to end (p50 TTFT
-    10x and 53x idle with 32 and 128 adapters on 16 slots; bench/README.md).
+    parked rows wait out of the batch with their KV and get the next free slots. Without
+    that, a request for a cold adapter waited for a whole answer of some resident adapter
+    to end (p50 TTFT 10x and 53x idle with 32 and 128 adapters on 16 slots; bench/README.md).
     """
 
-    def __init__(self, max_queue: int, max_slot_wait: float = 0.05, min_turn: float = 1.5) -> None:
+    def __init__(self, max_queue: int, max_slot_wait: float = 0.02, min_turn: float = 1.5) -> None:
         self.max_queue = max_queue
         self.max_slot_wait = max_slot_wait
         self.min_turn = min_turn
