@@ -17,6 +17,7 @@ its ratio to the resident run, with the server's cache counters.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -92,13 +93,14 @@ def main(argv=None) -> int:
 
 def report(runs: list[dict]) -> str:
     headers = ["config", "slots", "dist", "distinct", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
-               "rows/step", "adapters/step", "misses", "evictions", "load ms", "busy cores", "x tok/s"]
+               "rows/step", "adapters/step", "misses", "evictions", "parks", "load ms", "busy cores", "x tok/s"]
     rows = []
     for r in runs:
         base = next(b for b in runs if b["dist"] == r["dist"] and b["config"] == "resident")
         rows.append([r["config"], r["slots"], r["dist"], r["distinct_adapters"], r["tokens_per_s"],
                      r["ttft_p50_ms"], r["ttft_p99_ms"], r["tpot_p50_ms"], r["batch_size_mean"],
-                     r["batch_adapters_mean"], int(r["cache_misses"]), int(r["evictions"]), r["load_ms_mean"],
+                     r["batch_adapters_mean"], int(r["cache_misses"]), int(r["evictions"]), r.get("parks", math.nan),
+                     r["load_ms_mean"],
                      r["foreign_cpu"], c.ratio(r["tokens_per_s"], base["tokens_per_s"])])
     text = c.table(headers, rows, digits=2)
     text += ("\nx tok/s: throughput relative to the all-resident run on the same requests; load ms: mean "
