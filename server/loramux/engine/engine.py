@@ -38,7 +38,7 @@ from loramux.errors import (
     Unavailable,
 )
 from loramux.lora import registry_file
-from loramux.lora.slots import AdapterSlots
+from loramux.lora.slots import AdapterSlots, SlotsFull
 from loramux.lora.store import AdapterRecord, AdapterStore
 from loramux.model.runner import Batch, Group, Runner, merge
 from loramux.model.sampling import Sampling, make_generator, sample
@@ -247,7 +247,7 @@ class Engine:
         self.rows += rows
 
     def _decode(self) -> None:
-        rows = self.rows
+        rows = self.rows  # the same list throughout the step; _remove replaces self.rows
         self.metrics.batch_size.observe(len(rows))
         self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in rows if r.req.adapter_id}))
         try:
@@ -495,6 +495,9 @@ class Engine:
             rows = self._shelf[a][0]
             try:
                 slot = self.slots.acquire(a)
+            except SlotsFull:  # a pin outlived its count (should not happen): try next step
+                log.warning("no slot to put adapter %r back; its rows stay parked", a)
+                continue
             except Exception as exc:
                 failed[a] = _load_error(a, exc)
                 continue
