@@ -109,9 +109,9 @@ class Scheduler:
         first token yet), then to parked adapters, oldest first, then to the other queued
         ones (a queued adapter's slot is left to `pick`). Each of the first kind left
         without a slot, and each parked adapter that waited `min_turn`, parks one running
-        adapter whose turn lasted `min_turn`: the one with the fewest rows, then the
-        longest turn, movable ones first. A parked adapter that runs again (a new request of its own brought
-        it back) resumes without a slot of its own."""
+        adapter whose turn lasted `min_turn`: movable ones first, then the one with the
+        fewest rows, then the longest turn. A parked adapter that runs again (a new request
+        of its own brought it back) resumes without a slot of its own."""
         in_batch = {a for a, n in running.items() if a and n > 0}
         queued = sorted((a for a in self._queues if a and a not in in_batch),
                         key=lambda a: self._queues[a][0].arrived)[:max(free_rows, 0)]  # each needs a row
