@@ -56,6 +56,12 @@ def join_and_leave(runner: Runner, batch, rows: list[str], plan: dict, step: int
     return batch, [rows[i] for i in batch.remove(done)] if done else rows
 
 
+def assert_as_alone(got: dict, want: dict) -> None:
+    for name, (tokens, logits) in want.items():
+        assert got[name][0] == tokens, name
+        torch.testing.assert_close(torch.stack(got[name][1]), torch.stack(logits), atol=1e-4, rtol=1e-4)
+
+
 def record(got: dict, rows: list[str], logits: torch.Tensor) -> None:
     for name, row_logits in zip(rows, logits, strict=False):
         got[name][0].append(int(row_logits.argmax(-1)))
@@ -70,12 +76,9 @@ def test_rows_joining_and_leaving_keep_each_row_its_own(runner, monkeypatch, roo
     batch, rows, got = None, [], {name: ([], []) for name in PROMPTS}
     for step in range(40):
         batch, rows = join_and_leave(runner, batch, rows, PROMPTS, step, got)
-        if batch is None:
-            continue
-        record(got, rows, runner.decode(batch, [got[name][0][-1] for name in rows]))
-    for name, (tokens, logits) in want.items():
-        assert got[name][0] == tokens, name
-        torch.testing.assert_close(torch.stack(got[name][1]), torch.stack(logits), atol=1e-4, rtol=1e-4)
+        if batch is not None:
+            record(got, rows, runner.decode(batch, [got[name][0][-1] for name in rows]))
+    assert_as_alone(got, want)
 
 
 def test_removing_rows_moves_the_last_rows_into_the_gaps(runner, monkeypatch):
@@ -156,12 +159,9 @@ def test_rows_taken_out_and_put_back_go_on_where_they_stopped(runner, monkeypatc
             for k, i in enumerate(sorted(leaving)):
                 out[rows[i]] = group.select([k])
             batch, rows = (batch, [rows[i] for i in order]) if order else (None, [])
-        if batch is None:
-            continue
-        record(got, rows, runner.decode(batch, [got[name][0][-1] for name in rows]))
-    for name, (tokens, logits) in want.items():
-        assert got[name][0] == tokens, name
-        torch.testing.assert_close(torch.stack(got[name][1]), torch.stack(logits), atol=1e-4, rtol=1e-4)
+        if batch is not None:
+            record(got, rows, runner.decode(batch, [got[name][0][-1] for name in rows]))
+    assert_as_alone(got, want)
 
 
 def test_taking_rows_out_packs_each_rows_columns_to_the_right(runner):
