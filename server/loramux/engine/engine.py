@@ -247,20 +247,19 @@ class Engine:
         self.rows += rows
 
     def _decode(self) -> None:
-        rows = self.rows  # the same list throughout the step; _remove replaces self.rows
-        self.metrics.batch_size.observe(len(rows))
-        self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in rows if r.req.adapter_id}))
+        self.metrics.batch_size.observe(len(self.rows))
+        self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in self.rows if r.req.adapter_id}))
         try:
             with self._cores.step():
-                logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in rows],
+                logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows],
                                             self._cores.between_layers if self._cores.lent else None)
-            tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
+            tokens = sample(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
         except Exception as exc:
             log.exception("decode step failed")
-            self._fail_rows(dict.fromkeys(range(len(rows)), Internal(f"model step failed: {exc}")))
+            self._fail_rows(dict.fromkeys(range(len(self.rows)), Internal(f"model step failed: {exc}")))
             return
         now = time.monotonic()
-        finished = [i for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
+        finished = [i for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
                     if self._emit_token(row, token, now)]
         if finished:
             self._remove(finished)
@@ -285,7 +284,7 @@ class Engine:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
             free = self.max_batch_size - self._admitted.total()
             picked = (self.scheduler.pick(free, self._admitted - self._parked_rows, self.slots.num_slots,
-                                          self.max_prefill_tokens, self._parked, now, self._held)
+                                          self.max_prefill_tokens, parked=self._parked, now=now, held=self._held)
                       if free > 0 else [])
             self._admitted.update(r.adapter_id for r in picked)
             for r in picked:

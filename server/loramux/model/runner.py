@@ -175,12 +175,14 @@ class Batch:
         the order of the rows left, as `remove` returns it. Every row's live columns end
         at the window's right edge, so the group is just as wide as its longest row: rows
         that sat out come back no wider than their own tokens (keys carry their positions)."""
-        keep = sorted(rows)
-        idx = torch.tensor(keep, device=self._device)
+        taken = sorted(rows)
+        idx = torch.tensor(taken, device=self._device)
         mask = self.mask[idx, self.lo : self.hi]
-        cols = slice(self.hi - int(mask.sum(1).max()), self.hi)
+        width = int(mask.sum(1).max())
+        cols = slice(self.hi - width, self.hi)
         kv = [(layer.buf_k[idx, :, cols], layer.buf_v[idx, :, cols]) for layer in self.cache.layers]
-        group = Group(kv, self.mask[idx, cols], [self.next_pos[i] for i in keep], [self.slots[i] for i in keep])
+        group = Group(kv, mask[:, mask.shape[1] - width :], [self.next_pos[i] for i in taken],
+                      [self.slots[i] for i in taken])
         return group, self.remove(rows)
 
     @torch.inference_mode()
