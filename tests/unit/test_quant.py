@@ -52,3 +52,16 @@ def test_scratch_made_in_inference_mode_serves_calls_outside_it():
         first = layer(x)
     with torch.no_grad():
         assert torch.equal(layer(x), first)
+
+
+def test_new_weight_brings_its_own_block_scales():
+    layer, other = quantized("nf4", True, 64, 64), quantized("nf4", True, 64, 64)
+    with torch.no_grad():
+        other.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4").to("cpu")
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        expected = other(x)
+        lean_4bit(layer)
+        layer(x)  # scales of the first weight decoded and kept
+        layer.weight = other.weight
+        assert torch.equal(layer(x), expected)

@@ -6,6 +6,11 @@ absmax), then runs `F.linear`. On a decode step of the benchmark model that disp
 ~5 of ~60 ms. `lean_4bit` calls the same C kernels, into one scratch buffer per thread,
 then the same `F.linear`: the same numbers, less overhead. Where it does not apply (not
 CPU, not float32, training, an unknown layout) bitsandbytes' own forward runs.
+
+Double-quantized (nested) block scales are decoded once per layer and kept in float32:
+decoding them again at every call was ~4% of a decode step. They cost 4 bytes per 64
+weights (1/8 of the 4-bit weight's bytes); the 8-bit nested scales stay as well, for
+bitsandbytes' own path.
 """
 
 from __future__ import annotations
@@ -71,10 +76,12 @@ def _eligible(module) -> bool:
 
 
 def _absmax(qs, lib) -> torch.Tensor:
-    """The per-block float32 scales; nested (double-quantized) ones are dequantized first."""
+    """The per-block float32 scales; nested (double-quantized) ones are dequantized, into
+    a new tensor that the layer keeps."""
     if not qs.nested:
         return qs.absmax
-    out = _scratch.get("absmax", qs.absmax.numel())
+    with torch.inference_mode(False):
+        out = torch.empty(qs.absmax.numel(), dtype=torch.float32)
     lib.cdequantize_blockwise_cpu_fp32(_ptr(qs.state2.code), _ptr(qs.absmax), _ptr(qs.state2.absmax), _ptr(out),
                                        ctypes.c_longlong(qs.state2.blocksize), ctypes.c_longlong(out.numel()))
     return out.add_(qs.offset)
@@ -82,13 +89,16 @@ def _absmax(qs, lib) -> torch.Tensor:
 
 def _lean_forward(module, fallback: Callable, lib) -> Callable:
     kernel = getattr(lib, _KERNELS[module.weight.quant_state.quant_type])
+    scales: list = [None, None]  # (quant state, its float32 block scales), made at first use
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         qs = module.weight.quant_state
         if x.dtype != torch.float32 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             return fallback(x)
         rows, cols = qs.shape
-        absmax = _absmax(qs, lib)
+        if scales[0] is not qs:  # a new weight (e.g. loaded again) brings new scales
+            scales[:] = [qs, _absmax(qs, lib)]
+        absmax = scales[1]
         weight = _scratch.get("weight", rows * cols).view(rows, cols)
         kernel(_ptr(module.weight), _ptr(absmax), _ptr(weight), ctypes.c_longlong(qs.blocksize),
                ctypes.c_longlong(rows), ctypes.c_longlong(cols))
