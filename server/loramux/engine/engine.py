@@ -25,7 +25,7 @@ from pathlib import Path
 
 from loramux import faults
 from loramux.engine.cores import CoreLease, set_threads
-from loramux.engine.request import Event, Finish, Params, Request
+from loramux.engine.request import Event, Finish, Outbox, Params, Request
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.stream import TextStream
 from loramux.errors import (
@@ -258,9 +258,12 @@ class Engine:
             log.exception("decode step failed")
             self._fail_rows(dict.fromkeys(range(len(self.rows)), Internal(f"model step failed: {exc}")))
             return
-        now = time.monotonic()
-        finished = [i for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
-                    if self._emit_token(row, token, now)]
+        now, outbox = time.monotonic(), Outbox()
+        try:
+            finished = [i for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
+                        if self._emit_token(row, token, now, outbox)]
+        finally:
+            outbox.flush()
         if finished:
             self._remove(finished)
 
@@ -341,8 +344,9 @@ class Engine:
             self._release(row)
             self._fail(row.req, Internal(f"model step failed: {exc}"))
 
-    def _emit_token(self, row: Row, token: int, now: float) -> bool:
-        """Append a row's new token and stream it; True (and the row released) if it ended."""
+    def _emit_token(self, row: Row, token: int, now: float, outbox: Outbox | None = None) -> bool:
+        """Append a row's new token and stream it (now, or with `outbox`); True (and the row
+        released) if it ended."""
         req = row.req
         req.generated.append(token)
         if req.first_token is None:
@@ -354,7 +358,7 @@ class Engine:
             finish = Finish.STOP
         elif finish is not None:
             text += row.stream.flush()
-        req.emit(Event(text=text, token_ids=(token,), finish=finish))
+        req.emit(Event(text=text, token_ids=(token,), finish=finish), outbox)
         if finish is not None:
             self._finished(row, now, finish)
         return finish is not None

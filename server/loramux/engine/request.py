@@ -64,9 +64,32 @@ class Request:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
-    def emit(self, event: Event) -> None:
-        """Hand an event to the request's event loop (called from the engine's threads)."""
+    def emit(self, event: Event, outbox: Outbox | None = None) -> None:
+        """Hand an event to the request's event loop (called from the engine's threads),
+        now or with the rest of `outbox`."""
         if event.finish is not None or event.error is not None:
             self.done = True
+        if outbox is not None:
+            outbox.events.setdefault(self.loop, []).append((self.events, event))
+            return
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Outbox:
+    """Owns the events of one decode step until they are handed over, one wake-up of each
+    event loop for all of them: a wake-up per token was ~2% of a decode step."""
+
+    def __init__(self) -> None:
+        self.events: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+
+    def flush(self) -> None:
+        for loop, events in self.events.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
+                loop.call_soon_threadsafe(_deliver, events)
+        self.events = {}
+
+
+def _deliver(events: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, event in events:
+        queue.put_nowait(event)
