@@ -142,3 +142,22 @@ def test_an_adapter_that_overflows_harms_no_other_row(setup, tmp_path, monkeypat
     got = model(x)
     assert not torch.isfinite(got[2]).all()  # the overflowing row itself
     assert torch.equal(got[:2], want[:2])
+
+
+def test_stacked_copies_follow_a_slot_loaded_again(setup):
+    """Steps over the same slots reuse the stacked way's copies; a slot evicted and loaded
+    with another adapter between two such steps must not leave the old adapter's copy."""
+    model, ctx, slots, _ = setup
+    x = torch.randn(2, 1, IN)
+    s = slots.acquire("a")
+    row_slots = [s, -1]  # one slot of two: the stacked way, which copies
+    ctx.set(row_slots, torch.device("cpu"))
+    assert ctx.uniq is not None and ctx.onehot is not None
+    first = model(x)
+    ctx.set(row_slots, torch.device("cpu"))
+    assert torch.equal(model(x), first)  # copies reused: the same numbers
+    slots.release("a")
+    slots.acquire("b")  # takes the other slot; c then evicts a (least recent) from s
+    assert slots.acquire("c") == s
+    ctx.set(row_slots, torch.device("cpu"))
+    assert torch.allclose(model(x), reference(model, x, row_slots, ctx), atol=1e-5)
