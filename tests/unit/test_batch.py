@@ -174,3 +174,17 @@ def test_taking_rows_out_packs_each_rows_columns_to_the_right(runner):
     assert taken.slots == [-1, 1] and taken.next_pos == [len(prompts[0]) + 1, len(prompts[2]) + 1]
     assert taken.mask.tolist() == [[1] * (len(prompts[0]) + 1)] * 2  # as narrow as its rows
     assert taken.kv[0][0].shape[2] == len(prompts[0]) + 1
+
+
+@pytest.mark.parametrize(("lengths", "cost", "groups"), [
+    ([], 16, []),
+    ([40], 16, [[0]]),
+    ([128, 32], 16, [[1], [0]]),  # 96 padded tokens cost more than a second forward
+    ([128, 120], 16, [[1, 0]]),  # 8 padded tokens cost less
+    ([128, 32], 256, [[1, 0]]),  # where a forward costs more than the padding
+    ([111, 47, 111, 45, 100], 16, [[3, 1], [4, 0, 2]]),
+])
+def test_prefill_split_minimises_padding_plus_forwards(lengths, cost, groups):
+    got = runner_mod.split_by_length(lengths, cost)
+    assert got == groups
+    assert sorted(i for g in got for i in g) == list(range(len(lengths)))

@@ -297,8 +297,8 @@ class Engine:
         for req in gone:
             self._fail(req, DeadlineExceeded("deadline passed while queued") if req.expired(now) else None)
         rows = [row for row in (self._start_row(req) for req in picked) if row is not None]
-        if rows:
-            self._prefill(rows)
+        for part in self.runner.prefill_parts([len(row.req.prompt_ids) for row in rows]):
+            self._prefill([rows[i] for i in part])
         return bool(picked)
 
     def _start_row(self, req: Request) -> Row | None:
