@@ -62,6 +62,7 @@ def test_new_weight_brings_its_own_block_scales():
     with torch.inference_mode():
         expected = other(x)
         lean_4bit(layer)
-        layer(x)  # scales of the first weight decoded and kept
+        assert layer.lean_absmax.numel() == 64 * 64 // layer.weight.quant_state.blocksize  # kept, counted
+        layer(x)
         layer.weight = other.weight
         assert torch.equal(layer(x), expected)

@@ -7,10 +7,10 @@ absmax), then runs `F.linear`. On a decode step of the benchmark model that disp
 then the same `F.linear`: the same numbers, less overhead. Where it does not apply (not
 CPU, not float32, training, an unknown layout) bitsandbytes' own forward runs.
 
-Double-quantized (nested) block scales are decoded once per layer and kept in float32:
-decoding them again at every call was ~4% of a decode step. They cost 4 bytes per 64
-weights (1/8 of the 4-bit weight's bytes); the 8-bit nested scales stay as well, for
-bitsandbytes' own path.
+Double-quantized (nested) block scales are decoded once per layer and kept in float32
+(buffer `lean_absmax`): decoding them again at every call was ~4% of a decode step. They
+cost 4 bytes per 64 weights (1/8 of the 4-bit weight's bytes; counted in the model's
+memory); the 8-bit nested scales stay as well, for bitsandbytes' own path.
 """
 
 from __future__ import annotations
@@ -89,16 +89,25 @@ def _absmax(qs, lib) -> torch.Tensor:
 
 def _lean_forward(module, fallback: Callable, lib) -> Callable:
     kernel = getattr(lib, _KERNELS[module.weight.quant_state.quant_type])
-    scales: list = [None, None]  # (quant state, its float32 block scales), made at first use
+    kept: list = [None]  # the quant state whose decoded scales `module.lean_absmax` holds
+
+    def scales(qs) -> torch.Tensor:
+        if not qs.nested:
+            return qs.absmax
+        if kept[0] is not qs:  # a new weight (e.g. loaded again) brings new scales
+            # A buffer, so that the model's memory footprint (and its metric) counts them.
+            module.register_buffer("lean_absmax", _absmax(qs, lib), persistent=False)
+            kept[0] = qs
+        return module.lean_absmax
+
+    scales(module.weight.quant_state)  # now, not at the first request
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         qs = module.weight.quant_state
         if x.dtype != torch.float32 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             return fallback(x)
         rows, cols = qs.shape
-        if scales[0] is not qs:  # a new weight (e.g. loaded again) brings new scales
-            scales[:] = [qs, _absmax(qs, lib)]
-        absmax = scales[1]
+        absmax = scales(qs)
         weight = _scratch.get("weight", rows * cols).view(rows, cols)
         kernel(_ptr(module.weight), _ptr(absmax), _ptr(weight), ctypes.c_longlong(qs.blocksize),
                ctypes.c_longlong(rows), ctypes.c_longlong(cols))
