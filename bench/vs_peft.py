@@ -35,6 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dist", default="powerlaw", choices=["powerlaw", "uniform"])
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--peft-batch", type=int, default=32, help="static batch size of PEFT (b)")
+    p.add_argument("--peft-threads", type=int, default=0,
+                   help="torch threads for the PEFT runs (0: torch's default, one per core). On this "
+                        "2-core VM PEFT (a) with 2 threads swings between ~37 and ~68 tok/s; 1 thread "
+                        "holds ~57")
     p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients of loramux")
     p.add_argument("--slots", type=int, default=None, help="loramux device slots (default: --adapters)")
     p.add_argument("--max-batch-size", type=int, default=32)
@@ -160,13 +164,18 @@ def main(argv=None) -> int:
     if "loramux" not in skip:
         lx_runs.append(run_loramux(args, adapters, requests, work / "loramux-1"))
     if not {"a", "b"} <= skip:
+        if args.peft_threads:
+            import torch
+
+            torch.set_num_threads(args.peft_threads)
         started = time.perf_counter()
         model, tokenizer = load_peft(c.bench_model(), adapters)
         print(f"PEFT: loaded base + {len(adapters)} adapters in {time.perf_counter() - started:.1f} s", flush=True)
         peft_warm_up(model, tokenizer, list(adapters))
-        runs = [("a", "PEFT (a) set_adapter + generate, one at a time",
+        threads = f", {args.peft_threads} torch threads" if args.peft_threads else ""
+        runs = [("a", f"PEFT (a) set_adapter + generate, one at a time{threads}",
                  lambda: peft_one_at_a_time(model, tokenizer, requests)),
-                ("b", f"PEFT (b) static batches of {args.peft_batch}, adapter_names",
+                ("b", f"PEFT (b) static batches of {args.peft_batch}, adapter_names{threads}",
                  lambda: peft_static_batches(model, tokenizer, requests, args.peft_batch))]
         for key, label, fn in runs:
             if key in skip:
