@@ -292,7 +292,7 @@ def split_by_length(lengths: list[int], forward_cost: int) -> list[list[int]]:
     padded together compute 96 tokens of nothing (14% of all prefill tokens in
     bench.vs_peft). Groups hold neighbours in length order, so a small DP is exact."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    best = [0] + [0] * len(order)  # best[j]: cost of the first j prompts in length order
+    best = [0] * (len(order) + 1)  # best[j]: cost of the first j prompts in length order
     cut = [0] * (len(order) + 1)  # where best[j]'s last group starts
     for j in range(1, len(order) + 1):
         best[j], cut[j] = min((best[i] + (j - i) * lengths[order[j - 1]] + forward_cost, i) for i in range(j))
