@@ -35,10 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dist", default="powerlaw", choices=["powerlaw", "uniform"])
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--peft-batch", type=int, default=32, help="static batch size of PEFT (b)")
-    p.add_argument("--peft-threads", type=int, default=0,
+    p.add_argument("--peft-threads", type=int, default=1,
                    help="torch threads for the PEFT runs (0: torch's default, one per core). On this "
-                        "2-core VM PEFT (a) with 2 threads swings between ~37 and ~68 tok/s; 1 thread "
-                        "holds ~57")
+                        "2-core VM PEFT (a) on 2 threads swings between ~37 and ~68 tok/s; on 1 it "
+                        "holds 56-60, the stronger baseline on average")
     p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients of loramux")
     p.add_argument("--slots", type=int, default=None, help="loramux device slots (default: --adapters)")
     p.add_argument("--max-batch-size", type=int, default=32)
