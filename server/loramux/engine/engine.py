@@ -426,10 +426,11 @@ class Engine:
         if self.batch is None or len(drop) == len(self.rows):
             self.batch, self.rows = None, []
             return
-        self._reorder(self.batch.remove(drop), self.rows)
+        self._reorder(self.batch.remove(drop))
 
-    def _reorder(self, order: list[int], rows: list[Row]) -> None:
-        self.rows = [rows[i] for i in order]
+    def _reorder(self, order: list[int]) -> None:
+        """Rows in the order the batch left them (`Batch.remove`/`take`)."""
+        self.rows = [self.rows[i] for i in order]
 
     # --- time-slicing the slots (decode thread, between steps) ----------------------------
     def _rotate(self) -> None:
@@ -472,12 +473,10 @@ class Engine:
         """Take an adapter's rows out of the batch, with their KV, onto the shelf."""
         take = {i for i, r in enumerate(self.rows) if r.req.adapter_id == adapter_id}
         rows = [self.rows[i] for i in sorted(take)]
-        if len(take) == len(self.rows):
-            group, _ = self.batch.take(take)
-            self.batch, self.rows = None, []
-        else:
-            group, order = self.batch.take(take)
-            self._reorder(order, self.rows)
+        group, order = self.batch.take(take)
+        self._reorder(order)
+        if not self.rows:
+            self.batch = None
         self._shelf[adapter_id] = (rows, group)
 
     def _fail_shelved(self, adapter_id: str, errors: dict[int, Exception | None]) -> None:
