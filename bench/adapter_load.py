@@ -45,24 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build(max_rank: int, device_name: str):
-    """Runner, store and slots over the 4-bit bench model, one device slot."""
-    from loramux.lora.slots import AdapterSlots
-    from loramux.lora.store import AdapterStore
-    from loramux.metrics import Metrics
-    from loramux.model.loader import ModelSpec, load_base, resolve_device, resolve_dtype
-    from loramux.model.runner import Runner
-
-    device = resolve_device(device_name)
-    dtype = resolve_dtype("auto", device)
-    model, tokenizer = load_base(ModelSpec(str(c.bench_model()), "nf4", device, dtype))
-    runner = Runner(model, tokenizer, 1, max_rank, device, dtype)
-    store = AdapterStore(runner.layer_shapes, (c.adapters_root().resolve(),), max_rank, 1 << 30, dtype)
-    metrics = Metrics()
-    slots = AdapterSlots(store, runner.layers, 1, 2 << 30, metrics)
-    return runner, store, slots, metrics, device
-
-
 def _sync(device) -> None:
     if device.type == "cuda":
         import torch
@@ -93,7 +75,7 @@ def main(argv=None) -> int:
     env = c.start(args.snapshot)
     ranks = [int(x) for x in args.ranks.split(",")]
     folders = {r: c.ensure_adapters(2, rank=r) for r in ranks}
-    runner, store, slots, metrics, device = build(args.max_lora_rank, args.device)
+    runner, store, slots, metrics, device = c.in_process(1, args.max_lora_rank, args.device)
     print(f"commit {env['commit']} ({env['server_code']}), {env['date']}")
     print(f"model {c.MODEL_NAME} nf4 on {device}, 1 slot of rank {args.max_lora_rank}, "
           f"{len(runner.layers)} wrapped layers, {args.iterations} acquires per row", flush=True)

@@ -604,6 +604,26 @@ def _json_default(value):
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
+def in_process(num_slots: int, max_rank: int, device_name: str = "cpu"):
+    """The 4-bit bench model wired as `app.build_engine` wires it, in this process: (runner,
+    store, slots, metrics, device) with `num_slots` device slots padded to `max_rank`.
+    Imported late: `start` may first put a snapshot of the code on the path."""
+    from loramux.lora.slots import AdapterSlots
+    from loramux.lora.store import AdapterStore
+    from loramux.metrics import Metrics
+    from loramux.model.loader import ModelSpec, load_base, resolve_device, resolve_dtype
+    from loramux.model.runner import Runner
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype("auto", device)
+    model, tokenizer = load_base(ModelSpec(str(bench_model()), "nf4", device, dtype))
+    runner = Runner(model, tokenizer, num_slots, max_rank, device, dtype)
+    store = AdapterStore(runner.layer_shapes, (adapters_root().resolve(),), max_rank, 1 << 30, dtype)
+    metrics = Metrics()
+    slots = AdapterSlots(store, runner.layers, num_slots, 2 << 30, metrics)
+    return runner, store, slots, metrics, device
+
+
 def workdir(name: str) -> Path:
     """A fresh scratch folder for server logs and ready files of one script run."""
     path = bench_dir() / "runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -49,19 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(n_adapters: int):
     """Runner over the 4-bit bench model with 32 slots, `n_adapters` of them loaded."""
-    import torch
-
-    from loramux.lora.slots import AdapterSlots
-    from loramux.lora.store import AdapterStore
-    from loramux.metrics import Metrics
-    from loramux.model.loader import ModelSpec, load_base
-    from loramux.model.runner import Runner
-
-    device, dtype = torch.device("cpu"), torch.float32
-    model, tokenizer = load_base(ModelSpec(str(c.bench_model()), "nf4", device, dtype))
-    runner = Runner(model, tokenizer, 32, 8, device, dtype)
-    store = AdapterStore(runner.layer_shapes, (c.adapters_root().resolve(),), 8, 1 << 30, dtype)
-    slots = AdapterSlots(store, runner.layers, 32, 2 << 30, Metrics())
+    runner, store, slots, _, _ = c.in_process(32, 8)
     ids = []
     for aid, folder in c.ensure_adapters(n_adapters, rank=8).items():
         store.add(store.inspect(aid, folder.resolve(), "rpc"))
@@ -118,9 +106,9 @@ def peft_a() -> tuple[float, int] | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = c.start(args.snapshot)
-    import torch
+    from loramux.engine.cores import set_threads
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     runner, slots = build(args.adapters)
     requests = c.make_requests(args.requests, 32, "powerlaw", c.SEED, (32, 128), (32, 128))
     prompts = [runner.tokenizer(r.prompt).input_ids for r in requests]

@@ -164,10 +164,9 @@ def main(argv=None) -> int:
     if "loramux" not in skip:
         lx_runs.append(run_loramux(args, adapters, requests, work / "loramux-1"))
     if not {"a", "b"} <= skip:
-        if args.peft_threads:
-            import torch
+        from loramux.engine.cores import set_threads
 
-            torch.set_num_threads(args.peft_threads)
+        set_threads(args.peft_threads)  # 0: torch's default
         started = time.perf_counter()
         model, tokenizer = load_peft(c.bench_model(), adapters)
         print(f"PEFT: loaded base + {len(adapters)} adapters in {time.perf_counter() - started:.1f} s", flush=True)
