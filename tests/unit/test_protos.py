@@ -23,3 +23,6 @@ def test_wire_contract_field_numbers():
                       "generated_tokens": 5, "adapter_id": 6}
     assert {f.name: f.number for f in pb.SamplingParams.DESCRIPTOR.fields} == {
         "max_new_tokens": 1, "temperature": 2, "top_p": 3, "top_k": 4, "seed": 5, "stop": 6, "ignore_eos": 7}
+    assert {f.name: f.number for f in pb.GenerateRequest.DESCRIPTOR.fields} == {
+        "adapter_id": 1, "prompt": 2, "params": 3, "request_id": 4, "messages": 5}
+    assert {f.name: f.number for f in pb.ChatMessage.DESCRIPTOR.fields} == {"role": 1, "content": 2}
