@@ -48,10 +48,13 @@ params = st.builds(
     top_k=st.integers(0, 2**32 - 1), seed=st.integers(0, 2**64 - 1),
     stop=st.lists(st.text(max_size=300), max_size=20),
 )
+chat = st.lists(st.builds(pb.ChatMessage, content=st.text(max_size=200),
+                          role=st.sampled_from(["", "system", "user", "assistant", "tool"]) | st.text(max_size=20)),
+                max_size=4)
 requests = st.builds(
     pb.GenerateRequest,
     adapter_id=st.sampled_from(["", "good", "missing"]) | st.text(max_size=200),
-    prompt=st.text(max_size=400), params=params, request_id=st.text(max_size=50),
+    prompt=st.text(max_size=400), params=params, request_id=st.text(max_size=50), messages=chat,
 )
 
 

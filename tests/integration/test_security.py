@@ -73,7 +73,7 @@ def test_malformed_requests(server):
 
 
 @pytest.mark.parametrize("prompt,params", [
-    ("", {"max_new_tokens": 3}),
+    (" ", {"max_new_tokens": 3}),  # the shortest prompt (an empty one is INVALID_ARGUMENT: no prompt)
     ("Hi", {"temperature": 1e30, "top_k": 2**32 - 1, "seed": 2**64 - 1, "max_new_tokens": 3}),
     ("Hi", {"temperature": 1e-30, "top_p": 1e-30, "max_new_tokens": 3}),
     ("\u202e\x00\ud7ff\U0001f600", {"stop": ["", "\x00", "\U0001f600" * 10], "max_new_tokens": 3}),

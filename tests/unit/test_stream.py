@@ -45,3 +45,10 @@ def test_held_back_prefix_released_when_not_a_stop(tok):
 def test_earliest_of_several_stops(tok):
     pieces, stopped = run(tok, "one two three", stop=["three", "two"])
     assert stopped and "".join(pieces) == "one "
+
+
+def test_special_tokens_never_reach_the_text(tok):
+    stream = TextStream(tok, ())
+    ids = [tok.bos_token_id, *tok("hi", add_special_tokens=False).input_ids, tok.eos_token_id, tok.pad_token_id]
+    pieces = [stream.push(i)[0] for i in ids] + [stream.flush()]
+    assert "".join(pieces) == "hi"

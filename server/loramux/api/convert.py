@@ -32,6 +32,18 @@ def params_from_pb(req: pb.GenerateRequest, default_max_new: int, limit: int) ->
                   top_k=int(p.top_k), seed=int(p.seed) or None, stop=stop, ignore_eos=p.ignore_eos)
 
 
+def messages_from_pb(req: pb.GenerateRequest) -> tuple[tuple[str, str], ...] | None:
+    """The request's conversation as (role, content) pairs, or None for a raw prompt;
+    exactly one of the two must be set."""
+    if req.prompt and req.messages:
+        raise InvalidArgument("set either prompt or messages, not both")
+    if not req.prompt and not req.messages:
+        raise InvalidArgument("the request is empty: set prompt (raw text) or messages (a conversation)")
+    if not req.messages:
+        return None
+    return tuple((m.role, m.content) for m in req.messages)
+
+
 def stream_from_event(event: Event) -> pb.GenerateStreamResponse:
     return pb.GenerateStreamResponse(text=event.text, token_ids=list(event.token_ids),
                                      finish_reason=FINISH[event.finish])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from loramux.api.convert import FINISH, adapter_info, params_from_pb, stream_from_event
+from loramux.api.convert import FINISH, adapter_info, messages_from_pb, params_from_pb, stream_from_event
 from loramux.api.interceptor import check_parsed
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request
@@ -24,9 +24,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.max_new_limit = max_new_limit
 
     def _submit(self, request: pb.GenerateRequest, context) -> Request:
+        messages = messages_from_pb(request)
         params = params_from_pb(request, self.default_max_new, self.max_new_limit)
         return self.engine.submit(request.adapter_id, request.prompt, params, request.request_id,
-                                  context.time_remaining())
+                                  context.time_remaining(), messages=messages)
 
     async def Generate(self, request, context):
         req = self._submit(request, context)

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from loramux.errors import (
 from loramux.lora import registry_file
 from loramux.lora.slots import AdapterSlots, SlotsFull
 from loramux.lora.store import AdapterRecord, AdapterStore
+from loramux.model.chat import render_chat
 from loramux.model.runner import Batch, Group, Runner, merge
 from loramux.model.sampling import Sampling, make_generator, sample
 
@@ -108,15 +109,20 @@ class Engine:
             thread.start()
 
     def submit(self, adapter_id: str, prompt: str, params: Params, request_id: str,
-               timeout: float | None) -> Request:
+               timeout: float | None, messages: Sequence[tuple[str, str]] | None = None) -> Request:
+        """Queue a request for `prompt`, or for `messages` (role, content) rendered with the
+        model's chat template (then `prompt` is ignored)."""
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica")
         if adapter_id:
             self.store.get(adapter_id)
+        if messages is not None:
+            prompt = render_chat(self.runner.tokenizer, messages)
         ids = self.runner.tokenizer(prompt).input_ids
         if len(ids) >= self.max_model_len:
+            what = "the rendered conversation" if messages is not None else "prompt"
             raise InvalidArgument(
-                f"prompt is {len(ids)} tokens; this model allows at most {self.max_model_len - 1} "
+                f"{what} is {len(ids)} tokens; this model allows at most {self.max_model_len - 1} "
                 "(one position must stay free for the answer)"
             )
         deadline = time.monotonic() + timeout if timeout is not None else None
