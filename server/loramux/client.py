@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +84,26 @@ def sampling(max_new_tokens: int | None = None, temperature: float = 0.0, top_p:
     return params
 
 
+Message = Mapping[str, str] | tuple[str, str]
+
+
+def chat_messages(messages: Iterable[Message]) -> list[pb.ChatMessage]:
+    """{"role": ..., "content": ...} dicts or (role, content) pairs as wire messages."""
+    if isinstance(messages, str):
+        raise TypeError("messages is a list of {'role': ..., 'content': ...} dicts; for raw text use generate")
+    out = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        out.append(pb.ChatMessage(role=role, content=content))
+    return out
+
+
+def generate_request(adapter_id: str, params: dict, prompt: str = "",
+                     messages: Iterable[Message] | None = None) -> pb.GenerateRequest:
+    return pb.GenerateRequest(adapter_id=adapter_id, prompt=prompt, messages=chat_messages(messages or ()),
+                              params=sampling(**params))
+
+
 def upload_messages(folder: Path, adapter_id: str, chunk_bytes: int = 1 << 20) -> Iterator[pb.UploadAdapterRequest]:
     """Header (size and SHA-256 of all data in order), then the folder's adapter files in chunks."""
     paths = [folder / name for name in UPLOAD_FILES if (folder / name).is_file()]
@@ -139,14 +159,22 @@ class Client:
                 time.sleep(delay)
 
     def generate(self, prompt: str, adapter_id: str = "", **params) -> pb.GenerateResponse:
-        req = pb.GenerateRequest(adapter_id=adapter_id, prompt=prompt, params=sampling(**params))
-        return self._call(self.generation.Generate, req)
+        return self._call(self.generation.Generate, generate_request(adapter_id, params, prompt=prompt))
 
     def stream(self, prompt: str, adapter_id: str = "", **params) -> Iterator[pb.GenerateStreamResponse]:
         """Yields one message per decode step. Retried only until the first message arrives;
         the returned iterator also has `.cancel()`."""
-        req = pb.GenerateRequest(adapter_id=adapter_id, prompt=prompt, params=sampling(**params))
-        return _SyncStream(self, req)
+        return _SyncStream(self, generate_request(adapter_id, params, prompt=prompt))
+
+    def chat(self, messages: Iterable[Message], adapter_id: str = "", **params) -> pb.GenerateResponse:
+        """The next assistant turn of a conversation: `messages` are {"role", "content"} dicts
+        or (role, content) pairs, rendered by the server with the model's chat template."""
+        return self._call(self.generation.Generate, generate_request(adapter_id, params, messages=messages))
+
+    def chat_stream(self, messages: Iterable[Message], adapter_id: str = "",
+                    **params) -> Iterator[pb.GenerateStreamResponse]:
+        """`chat`, one message per decode step, retried as `stream` is."""
+        return _SyncStream(self, generate_request(adapter_id, params, messages=messages))
 
     def register(self, adapter_id: str, path: str) -> pb.AdapterInfo:
         req = pb.RegisterAdapterRequest(adapter_id=adapter_id, path=path)
@@ -236,11 +264,19 @@ class AsyncClient:
                 await asyncio.sleep(delay)
 
     async def generate(self, prompt: str, adapter_id: str = "", **params) -> pb.GenerateResponse:
-        req = pb.GenerateRequest(adapter_id=adapter_id, prompt=prompt, params=sampling(**params))
-        return await self._call(self.generation.Generate, req)
+        return await self._call(self.generation.Generate, generate_request(adapter_id, params, prompt=prompt))
 
-    async def stream(self, prompt: str, adapter_id: str = "", **params) -> AsyncIterator[pb.GenerateStreamResponse]:
-        req = pb.GenerateRequest(adapter_id=adapter_id, prompt=prompt, params=sampling(**params))
+    def stream(self, prompt: str, adapter_id: str = "", **params) -> AsyncIterator[pb.GenerateStreamResponse]:
+        return self._stream(generate_request(adapter_id, params, prompt=prompt))
+
+    async def chat(self, messages: Iterable[Message], adapter_id: str = "", **params) -> pb.GenerateResponse:
+        return await self._call(self.generation.Generate, generate_request(adapter_id, params, messages=messages))
+
+    def chat_stream(self, messages: Iterable[Message], adapter_id: str = "",
+                    **params) -> AsyncIterator[pb.GenerateStreamResponse]:
+        return self._stream(generate_request(adapter_id, params, messages=messages))
+
+    async def _stream(self, req: pb.GenerateRequest) -> AsyncIterator[pb.GenerateStreamResponse]:
         delays, started = self.retry.delays(), False
         while True:
             call = self.generation.GenerateStream(req, timeout=self.timeout)
