@@ -1,4 +1,4 @@
-"""`loramux serve | generate | adapters | build-model | train | merge`.
+"""`loramux serve | generate | chat | adapters | build-model | train | merge`.
 
 Every `serve` flag can also be set by an environment variable: --max-queue is
 LORAMUX_MAX_QUEUE, and so on. A flag given on the command line wins.
@@ -93,6 +93,15 @@ def _client_parsers(sub) -> None:
     g.add_argument("--no-stream", action="store_true", help="one unary call instead of a stream")
     _add(g, "--tls-ca", Path, None, "PEM roots to trust: connect with TLS")
 
+    c = sub.add_parser("chat", help="chat in the terminal: one line per turn, /reset clears the history, "
+                       "Ctrl-D quits")
+    _add(c, "--address", str, DEFAULT_ADDRESS, "server address")
+    c.add_argument("--adapter", default="", help="adapter id (empty: the bare base)")
+    c.add_argument("--max-new-tokens", type=int, default=None)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--system", default=None, help="system message at the start of the conversation")
+    _add(c, "--tls-ca", Path, None, "PEM roots to trust: connect with TLS")
+
     a = sub.add_parser("adapters", help="list, register or unregister adapters")
     _add(a, "--address", str, DEFAULT_ADDRESS, "server address")
     _add(a, "--admin-token", str, None, "the server's --admin-token")
@@ -182,6 +191,56 @@ def _generate(args) -> int:
     return 0
 
 
+def _chat(args) -> int:
+    """Read a user turn per line, stream the answer, keep the history; /reset clears it.
+    A failed turn is reported on stderr and left out of the history; EOF ends with 0."""
+    import grpc
+
+    from loramux.client import Client
+
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    with Client(args.address, tls_ca=_read(args.tls_ca)) as client:
+        while True:
+            if interactive:
+                print("you> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                if interactive:
+                    print()
+                return 0
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if line.strip() == "/reset":
+                history.clear()
+                print("(history cleared)", flush=True)
+                continue
+            turn = [*history, {"role": "user", "content": line}]
+            answer = []
+            try:
+                for msg in client.chat_stream(system + turn, args.adapter, **params):
+                    print(msg.text, end="", flush=True)
+                    answer.append(msg.text)
+            except grpc.RpcError as exc:
+                if answer:
+                    print(flush=True)
+                print(f"loramux: {exc.code().name}: {exc.details()}", file=sys.stderr, flush=True)
+                continue
+            print(flush=True)
+            history = [*turn, {"role": "assistant", "content": "".join(answer)}]
+
+
+def _chat_until_interrupted(args) -> int:
+    try:
+        return _chat(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
 def _adapters(args) -> int:
     from loramux.client import Client
 
@@ -227,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import grpc
 
-    commands = {"generate": _generate, "adapters": _adapters, "health": _health}
+    commands = {"generate": _generate, "chat": _chat_until_interrupted, "adapters": _adapters, "health": _health}
     try:
         return commands[args.command](args)
     except grpc.RpcError as exc:
