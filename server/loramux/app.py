@@ -142,5 +142,12 @@ class App:
 
 
 def serve(cfg: ServerConfig) -> int:
-    asyncio.run(App(cfg).run_until_signal())
+    from loramux.model.gguf import ModelUnavailable
+
+    try:
+        app = App(cfg)
+    except ModelUnavailable as exc:  # the user's fix is in the message, a traceback adds nothing
+        log.error("%s", exc)
+        return 1
+    asyncio.run(app.run_until_signal())
     return 0

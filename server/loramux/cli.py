@@ -42,7 +42,8 @@ def _serve_parser(sub) -> None:
     _add(p, "--host", str, "127.0.0.1", "address to bind (0.0.0.0 for all interfaces)")
     _add(p, "--port", int, 50051, "gRPC port (0: any free port)")
     _add(p, "--metrics-port", int, 9090, "Prometheus /metrics port (0: any free, -1: off)")
-    _add(p, "--model", str, None, "base model folder or hub id; unset: the embedded default model")
+    _add(p, "--model", str, None, "named model (smollm2-135m-instruct, tiny, bench-30m), local HF folder or hub "
+         "id; unset: smollm2-135m-instruct, built once from its PyPI package into the model cache")
     _add(p, "--quantization", str, "nf4", "nf4 | fp4 | int8 | none")
     _add(p, "--compute-dtype", str, "auto", "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
     _add(p, "--device", str, "auto", "auto | cpu | cuda | cuda:N")
@@ -120,8 +121,8 @@ def _client_parsers(sub) -> None:
     h = sub.add_parser("health", help="exit 0 if the server's gRPC health check says SERVING")
     _add(h, "--address", str, DEFAULT_ADDRESS, "server address")
 
-    b = sub.add_parser("build-model", help="build a local random-weight model (no network)")
-    b.add_argument("--name", default="tiny", help="tiny | bench-30m")
+    b = sub.add_parser("build-model", help="build a named model into the model cache and print its folder")
+    b.add_argument("--name", default=None, help="smollm2-135m-instruct (default) | tiny | bench-30m")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,9 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "build-model":
-        from loramux.model.tiny import ensure_tiny_model
+        from loramux.model.gguf import ModelUnavailable
+        from loramux.model.loader import named_models, resolve_model_path
 
-        print(ensure_tiny_model(args.name))
+        if args.name is not None and args.name not in named_models():
+            print(f"loramux build-model: unknown model {args.name!r}; choose one of {named_models()}", file=sys.stderr)
+            return 2
+        try:
+            print(resolve_model_path(args.name))
+        except ModelUnavailable as exc:
+            print(f"loramux build-model: {exc}", file=sys.stderr)
+            return 1
         return 0
     import grpc
 

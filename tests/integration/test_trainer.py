@@ -29,7 +29,7 @@ DATA = Path(__file__).resolve().parents[2] / "data"
 TASKS = ("shout", "reverse")
 # The recipe of docs/training.md: a high learning rate and many short epochs, since the
 # tiny random base knows nothing and must memorise 50 answers.
-RECIPE = ("--lr", "3e-3", "--epochs", "20", "--rank", "16", "--alpha", "16", "--dropout", "0",
+RECIPE = ("--model", "tiny", "--lr", "3e-3", "--epochs", "20", "--rank", "16", "--alpha", "16", "--dropout", "0",
           "--seed", "0", "--eval-steps", "40", "--save-steps", "1000")
 TRAIN_BUDGET_S = float(os.environ.get("LORAMUX_TRAIN_BUDGET_S", 180))
 MAX_NEW_TOKENS = 16  # longest answer: 9 bytes + leading space + EOS
@@ -128,7 +128,8 @@ def test_each_served_adapter_answers_its_own_task(server):
 
 def test_resume_continues_to_the_same_step_count(server, extra_root):
     out = extra_root / "resumed"
-    args = ("train", "--data", DATA / "shout.jsonl", "--out", out, "--max-steps", "6", "--save-steps", "3",
+    args = ("train", "--model", "tiny", "--data", DATA / "shout.jsonl", "--out", out,
+            "--max-steps", "6", "--save-steps", "3",
             "--batch-size", "4", "--lr", "3e-3", "--seed", "0", "--logging-steps", "1", "--save-total-limit", "4")
     proc = loramux(*args)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -159,7 +160,7 @@ def test_merged_model_matches_base_plus_adapter(trained, base_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root, _ = trained
-    proc = loramux("merge", "--adapter", root / "shout", "--out", tmp_path / "merged")
+    proc = loramux("merge", "--model", "tiny", "--adapter", root / "shout", "--out", tmp_path / "merged")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")  # saved with the model

@@ -36,12 +36,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_model_path(model: str | None) -> str:
-    """None means the embedded default model, built once into the cache folder."""
-    from loramux.model.tiny import SPECS, ensure_tiny_model
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
-    if model is None or model in SPECS:
-        return str(ensure_tiny_model(model or "tiny"))
+
+def named_models() -> list[str]:
+    from loramux.model.gguf import GGUF_MODELS
+    from loramux.model.tiny import SPECS
+
+    return [*GGUF_MODELS, *SPECS]
+
+
+def resolve_model_path(model: str | None) -> str:
+    """A named model (None: the default one), built once into the cache folder, or a folder
+    or hub id as given."""
+    from loramux.model.gguf import GGUF_MODELS, ensure_gguf_model
+    from loramux.model.tiny import SPECS, default_cache_dir, ensure_tiny_model
+
+    model = model or DEFAULT_MODEL
+    if model in GGUF_MODELS:
+        return str(ensure_gguf_model(model, default_cache_dir()))
+    if model in SPECS:
+        return str(ensure_tiny_model(model))
     return model
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -10,18 +9,12 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+from loramux.model.gguf import sha256_file
+from loramux.model.loader import DEFAULT_MODEL
 from loramux.trainer.config import TrainConfig
 
 CARD_FILE = "training_card.json"
 RUN_FILE = "loramux-run.json"  # in --out/checkpoints: what a resumed run needs from the first one
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -60,7 +53,7 @@ def training_card(cfg: TrainConfig, where, datasets, encoding: dict, trainer, re
     history = trainer.state.log_history
     return {
         "adapter_id": cfg.registered_id,
-        "base_model": cfg.model or "embedded default model (tiny)",
+        "base_model": cfg.model or DEFAULT_MODEL,
         "base_model_path": where.path,
         "quantization": cfg.quantization,
         "compute_dtype": str(where.dtype).removeprefix("torch."),
