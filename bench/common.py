@@ -59,10 +59,17 @@ def adapters_root() -> Path:
 
 
 def bench_model() -> Path:
-    """The ~30M-parameter local Llama (random weights), built once into the model cache."""
-    from loramux.model.tiny import ensure_tiny_model
+    """The benchmarked model's folder (`MODEL_NAME`: the ~30M-parameter random Llama unless a
+    script's --model names another), built once into the model cache."""
+    from loramux.model.loader import resolve_model_path
 
-    return ensure_tiny_model(MODEL_NAME)
+    return Path(resolve_model_path(MODEL_NAME))
+
+
+def set_model(name: str) -> None:
+    """Benchmark another named model (e.g. smollm2-135m-instruct) in this process."""
+    global MODEL_NAME
+    MODEL_NAME = name
 
 
 def git_commit() -> str:

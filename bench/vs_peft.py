@@ -30,6 +30,7 @@ from bench import common as c  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=c.MODEL_NAME, help="named model (bench-30m, smollm2-135m-instruct, tiny)")
     p.add_argument("--adapters", type=int, default=32)
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--dist", default="powerlaw", choices=["powerlaw", "uniform"])
@@ -147,6 +148,7 @@ def peft_warm_up(model, tokenizer, adapter_ids: list[str]) -> None:
 # --- main --------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
+    c.set_model(args.model)
     env = c.start(args.snapshot)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     adapters = c.ensure_adapters(args.adapters, rank=args.rank)
