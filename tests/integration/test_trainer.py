@@ -160,7 +160,8 @@ def test_merged_model_matches_base_plus_adapter(trained, base_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root, _ = trained
-    proc = loramux("merge", "--model", "tiny", "--adapter", root / "shout", "--out", tmp_path / "merged")
+    # No --model: the base named in the training card (tiny), not the default model.
+    proc = loramux("merge", "--adapter", root / "shout", "--out", tmp_path / "merged")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")  # saved with the model

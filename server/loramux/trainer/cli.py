@@ -38,7 +38,8 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
                    help=f"truncate longer examples (default: {d.max_seq_len})")
     g = p.add_argument_group("base model")
-    g.add_argument("--model", help="base model folder or hub id (default: the embedded default model)")
+    g.add_argument("--model", help="base model: smollm2-135m-instruct (default), tiny, bench-30m, a folder or a "
+                   "hub id")
     g.add_argument("--quantization", choices=QUANTIZATIONS, default=d.quantization,
                    help="base weights: nf4 (QLoRA, default), fp4, int8, none")
     g.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=d.compute_dtype,
@@ -83,7 +84,8 @@ def _merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loramux merge", description="Merge a LoRA adapter into its base model. "
                                 "The base is loaded UNQUANTIZED (merging into 4-bit weights would lose the "
                                 "adapter); the output is a full model folder with its tokenizer.")
-    p.add_argument("--model", help="base model folder or hub id (default: the embedded default model)")
+    p.add_argument("--model", help="base model: a named model, folder or hub id (default: the named model in the "
+                   "adapter's training_card.json, else smollm2-135m-instruct)")
     p.add_argument("--adapter", type=Path, required=True, help="PEFT adapter folder")
     p.add_argument("--out", type=Path, required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),

@@ -6,11 +6,12 @@ and lose most of the adapter. The result is a plain model folder (safetensors an
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
 
-from loramux.model.loader import DTYPES, resolve_model_path
+from loramux.model.loader import DTYPES, named_models, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +24,20 @@ def check_adapter_folder(adapter: Path) -> None:
         raise ValueError(f"{adapter}: no adapter_model.safetensors (pickled .bin weights are refused)")
 
 
+def trained_base(adapter: Path) -> str | None:
+    """The named model the adapter's training card says it was trained on, if any."""
+    card = adapter / "training_card.json"
+    try:
+        base = json.loads(card.read_text()).get("base_model") if card.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return base if base in named_models() else None
+
+
 def merge(adapter: str | Path, out: str | Path, model: str | None = None, dtype: str = "float32",
           device: str = "cpu", overwrite: bool = False) -> Path:
-    """Save base + adapter merged into `out`; return `out`. `model` None: the embedded default model."""
+    """Save base + adapter merged into `out`; return `out`. `model` None: the named model of the
+    adapter's training card, else the default model."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,7 +50,7 @@ def merge(adapter: str | Path, out: str | Path, model: str | None = None, dtype:
         raise ValueError(f"{out} is not empty; pass --overwrite to write into it")
     if out.resolve() == adapter.resolve():
         raise ValueError("--out must differ from --adapter")
-    path = resolve_model_path(model)
+    path = resolve_model_path(model or trained_base(adapter))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], device_map={"": torch.device(device)})
