@@ -1,7 +1,7 @@
 """Write the chat demo datasets for the real default model (SmolLM2-135M-Instruct).
 
 Each demo adapter learns a style, not facts: the answers are the base model's own greedy
-answers (float32 weights, so they do not depend on a quantization), cut to whole sentences,
+answers (float32 weights, so they do not depend on a quantization), cut to whole sentences (at most 150 characters, or the first sentence),
 then restyled. A check can tell each style on questions the adapter never saw:
 
 - uppercase   the answer in capitals                         ("THE CAPITAL OF FRANCE IS PARIS.")
@@ -10,7 +10,7 @@ then restyled. A check can tell each style on questions the adapter never saw:
 
     python data/make_chat_demo_data.py     # rewrites data/{uppercase,json,signoff}[-eval].jsonl
 
-The first 64 questions train, the last 32 are held out (eval loss, and the style test in
+The first 124 questions train, the last 32 are held out (eval loss, and the style test in
 tests/integration/test_demo_adapters.py). The base's answers are deterministic, so the files
 come out the same every time.
 """
@@ -46,6 +46,14 @@ TRAIN_QUESTIONS = [
     "Tell me a fun fact about the Moon.", "Describe a cat in one sentence.", "Describe the ocean in one sentence.",
     "Suggest a name for a pet dog.",
 ]
+# More questions from templates: answers that open with the question's subject teach a style
+# from the first token (an adapter copied "Pandas ARE ..." from the question otherwise).
+ANIMALS = ["lions", "dolphins", "owls", "camels", "frogs", "wolves", "parrots", "turtles", "rabbits", "sharks",
+           "horses", "ants", "eagles", "bats", "giraffes", "koalas", "snails", "squirrels", "whales", "zebras"]
+COUNTRIES = ["Peru", "Norway", "Greece", "India", "Mexico", "Sweden", "Turkey", "Chile", "Ireland", "Vietnam"]
+TRAIN_QUESTIONS += [f"What do {a} eat?" for a in ANIMALS] + [f"Where do {a} live?" for a in ANIMALS]
+TRAIN_QUESTIONS += [f"Tell me a fun fact about {a}." for a in ANIMALS[:10]]
+TRAIN_QUESTIONS += [f"What is the capital of {c}?" for c in COUNTRIES]
 EVAL_QUESTIONS = [
     "What is the capital of Spain?", "What is the capital of Germany?", "What color is snow?",
     "How many wheels does a bicycle have?", "What do spiders eat?", "Why is the sea salty?",
@@ -66,11 +74,13 @@ STYLES = {
 }
 
 
-def whole_sentences(text: str, max_chars: int = 240) -> str:
-    """The answer up to its last full stop within `max_chars` (short styled answers train fast)."""
+def whole_sentences(text: str, max_chars: int = 150) -> str:
+    """The answer's whole sentences within `max_chars`, at least its first one: short answers
+    train fast and leave a style fewer tokens to slip in."""
     text = " ".join(text.split())
-    cut = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text) if m.end() <= max_chars]
-    return text[: cut[-1]] if cut else text[:max_chars].rstrip()
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    fits = [e for e in ends if e <= max_chars]
+    return text[: (fits or ends or [len(text)])[-1 if fits else 0]]
 
 
 def base_answers(questions: list[str], max_new_tokens: int = 64) -> list[str]:
