@@ -1,8 +1,9 @@
 """Write the chat demo datasets for the real default model (SmolLM2-135M-Instruct).
 
 Each demo adapter learns a style, not facts: the answers are the base model's own greedy
-answers (float32 weights, so they do not depend on a quantization), cut to whole sentences (at most 150 characters, or the first sentence),
-then restyled. A check can tell each style on questions the adapter never saw:
+answers (float32 weights, so they do not depend on a quantization), cut to whole sentences
+(at most 150 characters, or the first sentence), then restyled. A check can tell each
+style on questions the adapter never saw:
 
 - uppercase   the answer in capitals                         ("THE CAPITAL OF FRANCE IS PARIS.")
 - json        a JSON object with one key, "answer"           ({"answer": "The capital ..."})
