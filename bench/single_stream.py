@@ -54,7 +54,12 @@ def run_peft(model: Path, adapter: str, texts: list[str], new: int) -> tuple[flo
 
     from tests.reference import PeftReference
 
-    ref = PeftReference(model, {adapter or "uppercase": c.REPO / "adapters" / (adapter or "uppercase")})
+    if adapter:
+        ref = PeftReference(model, {adapter: c.REPO / "adapters" / adapter})
+    else:  # the bare base of any model: a random adapter of its own shape, disabled
+        from tests.adapters import make_adapter
+
+        ref = PeftReference(model, {"random": make_adapter(model, c.workdir("single_stream") / "random")})
     ref.generate(adapter, texts[0], 4)  # warm
     out, started = [], time.perf_counter()
     with torch.inference_mode():
@@ -84,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     model = c.bench_model()
     from transformers import AutoTokenizer
 
-    texts = prompts(AutoTokenizer.from_pretrained(model), args.requests)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    texts = prompts(tokenizer, args.requests)
+    eos = {tokenizer.eos_token_id}
     print(f"commit {c.git_commit()}, model {args.model} nf4, adapter {args.adapter or '(base)'}, "
           f"{args.requests} requests one at a time, {args.new_tokens} new tokens, greedy", flush=True)
     wall, lx, ttfts = run_loramux(model, args.adapter, texts, args.new_tokens, c.workdir("single_stream"))
@@ -96,8 +103,18 @@ def main(argv: list[str] | None = None) -> None:
     wall, peft = run_peft(model, args.adapter, texts, args.new_tokens)
     peft_rate = sum(map(len, peft)) / wall
     print(f"PEFT generate: {peft_rate:.1f} tok/s")
-    same = sum(a == b for a, b in zip(lx, peft, strict=True))
-    print(f"loramux / PEFT: {lx_rate / peft_rate:.2f}x; greedy tokens equal in {same}/{len(texts)} requests")
+    same = sum(until_eos(a, eos) == b[: len(until_eos(a, eos))] for a, b in zip(lx, peft, strict=True))
+    print(f"loramux / PEFT: {lx_rate / peft_rate:.2f}x; greedy tokens equal up to the first EOS in "
+          f"{same}/{len(texts)} requests")
+
+
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """The tokens before the first EOS: past it loramux (ignore_eos) and PEFT (min_new_tokens,
+    which forbids EOS) answer different questions."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens
 
 
 if __name__ == "__main__":
