@@ -51,9 +51,16 @@ def test_500_concurrent_calls_none_lost(server):
     time.sleep(1.0)
     m = server.metrics()
     assert m["loramux_running_requests"] == 0 and m["loramux_queue_depth"] == 0
+    # A leak grows with every round; the allocator's high-water mark (KV buffers sized for
+    # the widest batch) is reached in the first. So the limit is on the second round.
+    first = rss(server)
+    again = load.run_sync(server.address, calls, guard=300)
+    assert again.counts()["lost"] == 0
+    time.sleep(1.0)
     after = rss(server)
-    print(f"stress: RSS before {before / 2**20:.0f} MiB, after {after / 2**20:.0f} MiB")
-    assert after <= before * 1.10
+    print(f"stress: RSS before {before / 2**20:.0f} MiB, after one round {first / 2**20:.0f} MiB, "
+          f"after two {after / 2**20:.0f} MiB")
+    assert after <= first * 1.10
 
 
 def test_flood_on_one_adapter_does_not_starve_others(server):

@@ -141,7 +141,10 @@ def test_an_adapter_that_overflows_harms_no_other_row(setup, tmp_path, monkeypat
     ctx.set([-1, sb, huge], torch.device("cpu"))
     got = model(x)
     assert not torch.isfinite(got[2]).all()  # the overflowing row itself
-    assert torch.equal(got[:2], want[:2])
+    # The other rows are untouched, up to rounding: with the huge adapter in the batch the
+    # stacked way sums over more (zeroed) columns, which may reorder a float sum.
+    assert torch.isfinite(got[:2]).all()
+    torch.testing.assert_close(got[:2], want[:2])
 
 
 def test_stacked_copies_follow_a_slot_loaded_again(setup):
