@@ -23,8 +23,8 @@ QUESTIONS = ["What is the capital of France?", "Why do we need sleep?", "Describ
 
 
 def prompts(tokenizer, n: int) -> list[str]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                                          tokenize=False, add_generation_prompt=True) for i in range(n)]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                          add_generation_prompt=True) for q in QUESTIONS[:n]]
 
 
 def run_loramux(model: Path, adapter: str, texts: list[str], new: int, work: Path) -> tuple[float, list, list]:
@@ -50,8 +50,6 @@ def run_loramux(model: Path, adapter: str, texts: list[str], new: int, work: Pat
 
 
 def run_peft(model: Path, adapter: str, texts: list[str], new: int) -> tuple[float, list]:
-    import torch
-
     from tests.reference import PeftReference
 
     if adapter:
@@ -61,19 +59,8 @@ def run_peft(model: Path, adapter: str, texts: list[str], new: int) -> tuple[flo
 
         ref = PeftReference(model, {"random": make_adapter(model, c.workdir("single_stream") / "random")})
     ref.generate(adapter, texts[0], 4)  # warm
-    out, started = [], time.perf_counter()
-    with torch.inference_mode():
-        for text in texts:
-            ids = torch.tensor([ref.tokenizer(text).input_ids])
-            kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": new,
-                  "min_new_tokens": new, "do_sample": False, "pad_token_id": ref.tokenizer.pad_token_id}
-            if adapter:
-                ref.model.set_adapter(adapter)
-                gen = ref.model.generate(**kw)
-            else:
-                with ref.model.disable_adapter():
-                    gen = ref.model.generate(**kw)
-            out.append(gen[0, ids.shape[1]:].tolist())
+    started = time.perf_counter()
+    out = [ref.generate(adapter, text, new, min_new_tokens=new) for text in texts]
     return time.perf_counter() - started, out
 
 
@@ -85,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--peft-threads", type=int, default=0, help="torch threads for PEFT (0: torch's default)")
     args = p.parse_args(argv)
+    if not 1 <= args.requests <= len(QUESTIONS):  # distinct prompts: PeftReference memoises answers
+        p.error(f"--requests must be in [1, {len(QUESTIONS)}]")
     c.set_model(args.model)
     model = c.bench_model()
     from transformers import AutoTokenizer

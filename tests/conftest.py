@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramux.model.tiny import default_cache_dir
+from loramux.model.cache import default_cache_dir
 from tests.adapters import make_adapter
 
 # The real default model is converted once into the user's model cache (read before any

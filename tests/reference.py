@@ -31,12 +31,13 @@ class PeftReference:
         self._memo: dict[tuple, list[int]] = {}
 
     @torch.inference_mode()
-    def generate(self, adapter_id: str, prompt: str, max_new_tokens: int) -> list[int]:
-        key = (adapter_id, prompt, max_new_tokens)
+    def generate(self, adapter_id: str, prompt: str, max_new_tokens: int, min_new_tokens: int = 0) -> list[int]:
+        """Greedy tokens; `min_new_tokens` forbids EOS until then (a fixed amount of work)."""
+        key = (adapter_id, prompt, max_new_tokens, min_new_tokens)
         if key not in self._memo:
             ids = torch.tensor([self.tokenizer(prompt).input_ids])
             kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                      "max_new_tokens": max_new_tokens, "do_sample": False,
+                      "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": False,
                       "pad_token_id": self.tokenizer.pad_token_id}
             if adapter_id:
                 self.model.set_adapter(adapter_id)

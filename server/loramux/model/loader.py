@@ -49,8 +49,9 @@ def named_models() -> list[str]:
 def resolve_model_path(model: str | None) -> str:
     """A named model (None: the default one), built once into the cache folder, or a folder
     or hub id as given."""
+    from loramux.model.cache import default_cache_dir
     from loramux.model.gguf import GGUF_MODELS, ensure_gguf_model
-    from loramux.model.tiny import SPECS, default_cache_dir, ensure_tiny_model
+    from loramux.model.tiny import SPECS, ensure_tiny_model
 
     model = model or DEFAULT_MODEL
     if model in GGUF_MODELS:

@@ -1,4 +1,4 @@
-"""The embedded default model: a small Llama with random weights and a byte-level tokenizer.
+"""`tiny` and `bench-30m`: small Llamas with random weights and a byte-level tokenizer.
 
 Built deterministically from a seed into a cache folder, so that the server, the tests and
 the benchmarks need no network and no model hub. The same (size, seed) always gives the
@@ -7,12 +7,10 @@ same bytes on disk.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from loramux.model.cache import build_once, default_cache_dir
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIALS = (PAD, BOS, EOS)  # ids 0, 1, 2; byte b has id 3 + b
@@ -43,13 +41,6 @@ SPECS = {
         num_key_value_heads=8, intermediate_size=1408, max_position_embeddings=1024,
     ),
 }
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("LORAMUX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "loramux"
-    )
-    return Path(root) / "models"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -123,25 +114,9 @@ def ensure_tiny_model(name: str = "tiny", cache_dir: Path | None = None) -> Path
     if name not in SPECS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {sorted(SPECS)}")
     spec = SPECS[name]
-    folder = (cache_dir or default_cache_dir()) / f"{name}-s{spec.seed}"
-    marker = folder / "loramux-spec.json"
-    if marker.exists() and json.loads(marker.read_text()) == asdict(spec):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary sibling and rename, so a concurrent or interrupted build
-    # never leaves a half-written model that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
-        _build_model(spec).save_pretrained(tmp, safe_serialization=True)
-        build_tokenizer().save_pretrained(tmp)
-        (tmp / "loramux-spec.json").write_text(json.dumps(asdict(spec)))
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not marker.exists():  # lost a race with another builder that succeeded? no
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    def build(out: Path) -> None:
+        _build_model(spec).save_pretrained(out, safe_serialization=True)
+        build_tokenizer().save_pretrained(out)
+
+    return build_once((cache_dir or default_cache_dir()) / f"{name}-s{spec.seed}", asdict(spec), build)
