@@ -309,13 +309,19 @@ def start_server(binary: Path, model: Path, workdir: Path, log: Callable[[str], 
     `--no-repack` turns off ggml's extra CPU buffer types, AMX among them; the other one
     (repacked layouts for AVX) has no Q4_1 layout, so this model's matmuls run as before."""
     extra = list(kwargs.pop("extra", ()))
+    if _NO_REPACK and "--no-repack" not in extra:  # learnt by an earlier start of this process
+        extra.append("--no-repack")
     try:
         return LlamaServer(binary, model, workdir, extra=extra, **kwargs)
     except RuntimeError as exc:
         if "--no-repack" in extra or getattr(exc, "returncode", None) != -signal.SIGILL:
             raise
     log("  llama-server died of SIGILL (ggml's AMX kernels on a CPU that does not run them): again with --no-repack")
+    _NO_REPACK.append(True)
     return LlamaServer(binary, model, workdir, extra=[*extra, "--no-repack"], **kwargs)
+
+
+_NO_REPACK: list[bool] = []  # non-empty once a start died of SIGILL and --no-repack fixed it
 
 
 def completion_body(req: c.BenchRequest, lora: list[dict] | None = None) -> dict:
