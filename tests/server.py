@@ -26,9 +26,11 @@ class ServerProcess:
         self.ready = workdir / f"ready-{time.monotonic_ns()}.json"
         self.log_path = workdir / f"server-{time.monotonic_ns()}.log"
         if command is None:
-            # Tests serve the random-weight `tiny` model unless they name another one.
+            # Tests serve the random-weight `tiny` model unless they name another one, with
+            # room for the test adapters' ranks (up to 64) unless they say otherwise.
             model = () if "--model" in args else ("--model", "tiny")
-            command = [sys.executable, "-m", "loramux", "serve", "--port", "0", *model]
+            rank = () if "--max-lora-rank" in args else ("--max-lora-rank", "64")
+            command = [sys.executable, "-m", "loramux", "serve", "--port", "0", *model, *rank]
         cmd = [*command, "--metrics-port", "0", "--ready-file", str(self.ready), *args]
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,

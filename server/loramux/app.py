@@ -21,6 +21,7 @@ from loramux.engine.cores import set_threads
 from loramux.engine.engine import Engine
 from loramux.engine.watcher import AdapterDirWatcher
 from loramux.lora import registry_file
+from loramux.lora.layers import slot_memory
 from loramux.lora.slots import AdapterSlots
 from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
@@ -53,9 +54,10 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     runner = Runner(model, tokenizer, cfg.max_active_adapters, cfg.max_lora_rank, device, dtype)
     metrics.model_memory.set(runner.model_bytes())
     metrics.lora_slot_memory.set(runner.slot_bytes)
-    log.info("model ready in %.1fs: weights %.1f MiB, LoRA slots %.1f MiB (%d x rank %d)",
-             time.perf_counter() - started, runner.model_bytes() / 2**20, runner.slot_bytes / 2**20,
-             cfg.max_active_adapters, cfg.max_lora_rank)
+    log.info("model ready in %.1fs: weights %.1f MiB; LoRA slots (%d x rank %d) take up to %.1f MiB, "
+             "allocated per layer as adapters target it", time.perf_counter() - started,
+             runner.model_bytes() / 2**20, cfg.max_active_adapters, cfg.max_lora_rank,
+             slot_memory(runner.layers)[1] / 2**20)
     cfg.adapter_dir.mkdir(parents=True, exist_ok=True)
     store = AdapterStore(runner.layer_shapes, cfg.adapter_roots, cfg.max_lora_rank,
                          cfg.max_adapter_bytes, dtype)

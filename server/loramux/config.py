@@ -22,8 +22,8 @@ class ServerConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     adapter_dir: Path = Path("adapters")
     allow_adapter_roots: tuple[Path, ...] = ()
-    max_active_adapters: int = 8  # device slots
-    max_lora_rank: int = 64
+    max_active_adapters: int = 32  # device slots
+    max_lora_rank: int = 16  # slot tensors are sized by it
     host_cache_bytes: int = 2 << 30
     max_adapter_bytes: int = 1 << 30
     max_batch_size: int = 16

@@ -33,6 +33,10 @@ def test_five_adapters_two_slots(tmp_path, adapter_store, reference):
         assert m["loramux_adapter_load_seconds_count"] == m["loramux_adapter_cache_misses_total"]
         assert m["loramux_batch_adapters_bucket{le=\"2.0\"}"] == m["loramux_batch_adapters_count"]
         assert 0 < m["loramux_adapter_host_cache_bytes"] <= 3000000
+        # Every projection of the tiny model is targeted by some adapter (r16-all): 2 slots x
+        # rank 64 (--max-lora-rank) x (in + out) of its 4 x 7 layers, float32, plus the scalings.
+        in_out = 4 * (2 * 256 + 2 * 384 + 512 + 2 * 960 + 960)
+        assert m["loramux_lora_slot_memory_bytes"] == 4 * (2 * 64 * in_out + 2 * 4 * 7)
     finally:
         srv.stop()
 

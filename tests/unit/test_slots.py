@@ -103,62 +103,76 @@ def reference(model, x, row_slots, ctx):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize(("adapters", "columns", "way"), [
-    ("ab", 512, "all slots"),  # both slots used: the slot tensors' views, no copy
-    ("a", 512, "stacked"),  # one slot of two: copy just that one
-    ("ab", 0, "gathered"),
-])
-def test_every_way_gives_each_row_its_own_adapter(setup, monkeypatch, adapters, columns, way):
-    from loramux.lora import layers
+def force(ctx, way: str) -> None:
+    """Make the plan take one way: direct (free) or grouped (free, the direct way dear)."""
+    costs = ctx.costs
+    costs.direct, costs.group, costs.row_rank = (0.0, 1.0, 1.0) if way == "direct" else (1.0, 0.0, 0.0)
 
+
+@pytest.mark.parametrize("way", ["direct", "grouped"])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("adapters", ["a", "ab"])
+def test_every_way_gives_each_row_its_own_adapter(setup, way, tokens, adapters):
     model, ctx, slots, _ = setup
-    monkeypatch.setattr(layers, "STACKED_MAX_COLUMNS", columns)
-    monkeypatch.setattr(layers, "ALL_SLOTS_MIN_SHARE", 0.5)  # 2 adapters x rank 3: 6 of 8 columns
-    x = torch.randn(4, 3, IN)
+    force(ctx, way)
+    x = torch.randn(4, tokens, IN)
     acquired = [slots.acquire(name) for name in adapters]
     row_slots = [acquired[0], -1, acquired[-1], acquired[0]]
     ctx.set(row_slots, torch.device("cpu"))
-    assert way == ("gathered" if ctx.onehot is None else "all slots" if ctx.uniq is None else "stacked")
     out = model(x)
+    plan = ctx.plan(tokens)
+    assert (plan.gather is None) == (way == "direct") and bool(plan.direct) == (way == "direct")
     assert torch.allclose(out, reference(model, x, row_slots, ctx), atol=1e-5)
     ctx.set([-1] * 4, torch.device("cpu"))
     assert torch.equal(out[1], model(x)[1])  # the bare-base row is the base, bit for bit
 
 
-@pytest.mark.parametrize("columns", [512, 0], ids=["stacked", "gathered"])
-def test_an_adapter_that_overflows_harms_no_other_row(setup, tmp_path, monkeypatch, columns):
-    """Finite but huge weights pass the file checks; their inf must stay in their own rows."""
-    from loramux.lora import layers
-
+def test_one_adapter_on_every_row_takes_no_gather(setup):
     model, ctx, slots, _ = setup
-    monkeypatch.setattr(layers, "STACKED_MAX_COLUMNS", columns)
+    force(ctx, "direct")
+    s = slots.acquire("b")
+    x = torch.randn(3, 2, IN)
+    ctx.set([s] * 3, torch.device("cpu"))
+    out = model(x)
+    assert ctx.plan(2).direct == [(s, None, 3)]
+    assert torch.allclose(out, reference(model, x, [s] * 3, ctx), atol=1e-5)
+
+
+def test_slot_tensors_wait_for_an_adapter_that_targets_the_layer(tmp_path):
+    model = Toy()
+    _, layers = attach_stacked_lora(model, num_slots=2, max_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+    layer = layers["layers.0"]
+    assert layer.lora_a is None and not list(layer.buffers())  # nothing to pay for yet
+    layer.load_slot(1, torch.ones(2, IN), torch.ones(2, OUT), 0.5)
+    assert layer.lora_a.shape == (2, 4, IN) and layer.lora_bt.shape == (2, 4, OUT)
+
+
+@pytest.mark.parametrize("way", ["direct", "grouped"])
+def test_an_adapter_that_overflows_harms_no_other_row(setup, tmp_path, way):
+    """Finite but huge weights pass the file checks; their inf must stay in their own rows."""
+    model, ctx, slots, _ = setup
+    force(ctx, way)
     slots.store.add(slots.store.inspect("huge", write_adapter(tmp_path / "huge", rank=2, value=3e38), "rpc"))
     x = torch.randn(3, 2, IN)
     huge, sb = slots.acquire("huge"), slots.acquire("b")
-    assert huge == 0  # the gathered way runs bare rows through slot 0 (times a scale of 0)
     ctx.set([-1, sb, -1], torch.device("cpu"))
     want = model(x)
     ctx.set([-1, sb, huge], torch.device("cpu"))
     got = model(x)
     assert not torch.isfinite(got[2]).all()  # the overflowing row itself
-    # The other rows are untouched, up to rounding: with the huge adapter in the batch the
-    # stacked way sums over more (zeroed) columns, which may reorder a float sum.
     assert torch.isfinite(got[:2]).all()
     torch.testing.assert_close(got[:2], want[:2])
 
 
-def test_stacked_copies_follow_a_slot_loaded_again(setup):
-    """Steps over the same slots reuse the stacked way's copies; a slot evicted and loaded
-    with another adapter between two such steps must not leave the old adapter's copy."""
+def test_a_slot_loaded_again_is_used_at_once(setup):
+    """A slot evicted and loaded with another adapter between two steps must not leave the
+    old adapter's numbers anywhere."""
     model, ctx, slots, _ = setup
     x = torch.randn(2, 1, IN)
     s = slots.acquire("a")
-    row_slots = [s, -1]  # one slot of two: the stacked way, which copies
+    row_slots = [s, -1]
     ctx.set(row_slots, torch.device("cpu"))
-    assert ctx.uniq is not None and ctx.onehot is not None
-    first = model(x)
-    ctx.set(row_slots, torch.device("cpu"))
-    assert torch.equal(model(x), first)  # copies reused: the same numbers
+    model(x)
     slots.release("a")
     slots.acquire("b")  # takes the other slot; c then evicts a (least recent) from s
     assert slots.acquire("c") == s

@@ -1,32 +1,56 @@
 """Stacked LoRA slots: every device slot's A and B for one base linear layer in one tensor.
 
-A batch row carries its slot index; the LoRA term of the whole batch takes a fixed number
-of tensor ops per layer, whatever the number of distinct adapters in it (the BGMV/SGMV
-idea in plain torch). Loading an adapter is a copy into these tensors, not module surgery.
+A batch row carries its slot index. Each forward's rows are planned once (`RowSlots`), and
+every wrapped layer applies the plan to its own slot tensors: no copy of any adapter's
+weights at any step, and work that follows the rows' tokens, not the number of slots.
 
-Three ways to apply it, chosen once per forward by the batch's shape:
-- *all slots* (the batch uses most of a small slot table): run every row through
-  every slot in two matmuls on views of the slot tensors, keep each row's own block by a
-  0/1 mask. No copies at all.
-- *stacked* (few distinct adapters x rank): the same on a copy of just the batch's
-  distinct adapters.
-- *gathered* (many distinct adapters x high rank): gather each row's own A and B and
-  run two batched matmuls, so the work stays proportional to rank, not to adapters.
-B is stored transposed ([rank, out] per slot) so that every way reads it without a
-permuted copy.
+Two ways, mixed in one forward by a cost model (`LoraCosts`):
+- *direct*: the tokens of one adapter (most often all rows of one adapter, or a whole
+  prompt) through two matmuls on views of its slot: `y += s * (x A^T) B^T`. A few tensor
+  ops per adapter per layer.
+- *grouped*: the remaining tokens, scattered into a [slots, P, features] block (P: the
+  most tokens any of them has) and run through two batched matmuls over every slot's A
+  and B at once: a fixed number of ops per layer, whatever the number of adapters, plus
+  padding (a slot with fewer than P tokens, or none, computes rows nobody reads).
+With 32 rows of 32 adapters a decode step takes the grouped way (6 ops per layer instead
+of ~130); one adapter, or a prompt, takes the direct way (2-4 ops, no padding).
+
+Slot tensors are allocated per layer on the first adapter that targets it, so a server
+whose adapters only touch attention pays nothing for the MLP layers. B is stored
+transposed ([rank, out] per slot) so both ways read it without a permuted copy.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-STACKED_MAX_COLUMNS = 512  # distinct adapters x rank up to which the stacked ways are cheaper
-# The share of a small slot table's columns a batch must use for the all-slots way to beat
-# copying just those (measured on one CPU core, 25 rows: the crossover is at ~0.8).
-ALL_SLOTS_MIN_SHARE = 0.8
+
+@dataclass
+class LoraCosts:
+    """What the plan weighs, in seconds per layer: one adapter's tokens on the direct way
+    (its fixed cost: a few small ops), the grouped way's fixed cost, and its compute per
+    token row and rank unit (padding included). Measured on the served model at start-up
+    (`Runner.calibrate`); these defaults only order things."""
+
+    direct: float = 4e-5
+    group: float = 6e-5
+    row_rank: float = 1e-8
+
+
+@dataclass
+class Plan:
+    """How one forward's tokens (B x T, flattened) meet their slots."""
+
+    direct: list[tuple[int, torch.Tensor | None, int]]  # (slot, token indices or None: all, rank)
+    gather: torch.Tensor | None = None  # [slots * P] token index per grouped position
+    width: int = 0  # P
+    rank: int = 0  # the largest rank among the grouped slots
+    valid: torch.Tensor | None = None  # grouped positions that hold a real token (None: all)
+    tokens: torch.Tensor | None = None  # token index of each valid grouped position
 
 
 class RowSlots(threading.local):
@@ -34,66 +58,77 @@ class RowSlots(threading.local):
 
     Thread-local: a prefill and a decode step may run at once on two threads, each with
     its own rows. `ranks` (rank of the adapter in each slot, 0: empty; kept by
-    AdapterSlots) is the one list all threads share.
+    AdapterSlots) is the one list all threads share; so is `costs` (a thread-local's
+    `__init__` runs again in each thread, with the same arguments).
     """
 
-    def __init__(self, ranks: list[int], max_rank: int) -> None:
+    def __init__(self, ranks: list[int], max_rank: int, costs: LoraCosts) -> None:
         self.ranks = ranks
         self.max_rank = max_rank
+        self.costs = costs
         self.active = False  # any row uses an adapter
-        self.rank = 0  # the largest rank among the batch's slots: the only columns worth touching
-        self.uniq: torch.Tensor | None = None  # [u] long: the batch's distinct slots (stacked way)
-        self.onehot: torch.Tensor | None = None  # [B, u]: 1 where row b uses uniq[u] (u: all slots
-        #                                           when uniq is None); None: the gathered way
-        self.off: torch.Tensor | None = None  # [B, u] bool: onehot == 0
-        self.row_slot: torch.Tensor | None = None  # [B] long: row's slot, 0 for base rows (gathered way)
-        self.row_off: torch.Tensor | None = None  # [B, 1, 1] bool: bare-base rows (gathered way)
-        self.rows: torch.Tensor | None = None  # the rank rows to gather from [slots * max_rank, ...]
-        #   views of the slot tensors: uniq's first `rank` rows (stacked), row_slot's (gathered)
-        self.used: list[int] | None = None  # the batch's distinct slots, as Python ints
-        self.key: tuple = ()  # what the stacked way's copies depend on, besides the weights
-        # Per layer, the stacked way's last copies with the key and weight version they were
-        # made for: consecutive decode steps mostly run the same adapters, so they reuse them.
-        self.selected: dict[nn.Module, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
+        self.used: list[int] = []  # the batch's distinct slots
+        self._rows: list[int] = []
+        self._device = torch.device("cpu")
+        self._plan: tuple[int, Plan] | None = None  # (tokens per row, plan) of this forward
 
     def set(self, row_slots: list[int], device: torch.device) -> None:
         """`row_slots[i]` is row i's slot, or -1 for the bare base (whose LoRA term is 0)."""
-        used = sorted({s for s in row_slots if s >= 0})
-        self.used = used
-        self.active = bool(used)
-        if not used:
-            return
-        self.rank = max(self.ranks[s] for s in used)
-        columns, all_columns = len(used) * self.rank, len(self.ranks) * self.max_rank
-        if all_columns <= STACKED_MAX_COLUMNS and columns >= ALL_SLOTS_MIN_SHARE * all_columns:  # no copy
-            self.uniq, self.rank = None, self.max_rank
-            self.onehot = self._onehot(row_slots, {s: s for s in used}, len(self.ranks), device)
-        elif columns <= STACKED_MAX_COLUMNS:
-            self.key = (tuple(used), self.rank)
-            self.uniq = torch.tensor(used, dtype=torch.long, device=device)
-            self.onehot = self._onehot(row_slots, {s: i for i, s in enumerate(used)}, len(used), device)
-            self.rows = self._rank_rows(self.uniq)
-        else:
-            self.uniq = self.onehot = None
-            self.row_slot = torch.tensor([max(s, 0) for s in row_slots], dtype=torch.long, device=device)
-            self.row_off = torch.tensor([s < 0 for s in row_slots], device=device).view(-1, 1, 1)
-            self.rows = self._rank_rows(self.row_slot)
-        self.off = None if self.onehot is None else self.onehot == 0
+        self._rows, self._device, self._plan = list(row_slots), device, None
+        self.used = sorted({s for s in row_slots if s >= 0})
+        self.active = bool(self.used)
 
-    def _rank_rows(self, slots: torch.Tensor) -> torch.Tensor:
-        # One index_select of these rows from a [slots * max_rank, features] view copies just
-        # what is used, several times faster than advanced indexing of a [:, :rank] view.
-        ranks = torch.arange(self.rank, device=slots.device)
-        return (slots.view(-1, 1) * self.max_rank + ranks).view(-1)
+    def plan(self, t: int) -> Plan:
+        """This forward's plan for rows of `t` tokens each (made by the first layer)."""
+        if self._plan is None or self._plan[0] != t:
+            self._plan = (t, self._make_plan(t))
+        return self._plan[1]
 
-    @staticmethod
-    def _onehot(row_slots: list[int], column: dict[int, int], width: int,
-                device: torch.device) -> torch.Tensor:
-        onehot = torch.zeros(len(row_slots), width)
-        for row, s in enumerate(row_slots):
+    def _make_plan(self, t: int) -> Plan:
+        rows_of: dict[int, list[int]] = {}
+        for row, s in enumerate(self._rows):
             if s >= 0:
-                onehot[row, column[s]] = 1.0
-        return onehot.to(device)
+                rows_of.setdefault(s, []).append(row)
+        # Largest first: the direct way pays per adapter, the grouped way per padded row.
+        order = sorted(rows_of, key=lambda s: -len(rows_of[s]))
+        k = self._split(order, [len(rows_of[s]) * t for s in order])
+        every_row = len(self._rows) == len(rows_of.get(order[0], ()))
+        direct = [(s, None if every_row else self._tokens(rows_of[s], t), self.ranks[s]) for s in order[:k]]
+        plan = Plan(direct)
+        if k < len(order):
+            self._group(plan, {s: rows_of[s] for s in order[k:]}, t)
+        return plan
+
+    def _split(self, order: list[int], counts: list[int]) -> int:
+        """How many of the largest adapters take the direct way (the rest: grouped)."""
+        c, slots = self.costs, len(self.ranks)
+        best, best_k = float("inf"), 0
+        for k in range(len(order) + 1):
+            cost = k * c.direct
+            if k < len(order):
+                rank = max(self.ranks[s] for s in order[k:])
+                cost += c.group + slots * counts[k] * rank * c.row_rank
+            if cost < best:
+                best, best_k = cost, k
+        return best_k
+
+    def _tokens(self, rows: list[int], t: int) -> torch.Tensor:
+        idx = torch.tensor(rows, dtype=torch.long).view(-1, 1) * t + torch.arange(t)
+        return idx.view(-1).to(self._device)
+
+    def _group(self, plan: Plan, rows_of: dict[int, list[int]], t: int) -> None:
+        width = max(len(r) for r in rows_of.values()) * t
+        gather = torch.zeros(len(self.ranks), width, dtype=torch.long)
+        valid = torch.zeros(len(self.ranks), width, dtype=torch.bool)
+        for s, rows in rows_of.items():
+            idx = self._tokens(rows, t).cpu()
+            gather[s, : len(idx)] = idx
+            valid[s, : len(idx)] = True
+        gather, valid = gather.view(-1), valid.view(-1)
+        plan.gather, plan.width = gather.to(self._device), width
+        plan.rank = max(self.ranks[s] for s in rows_of)
+        plan.tokens = gather[valid].to(self._device)  # each valid position's token, in position order
+        plan.valid = None if bool(valid.all()) else valid.nonzero().view(-1).to(self._device)
 
 
 class StackedLoraLinear(nn.Module):
@@ -106,13 +141,15 @@ class StackedLoraLinear(nn.Module):
         self.ctx = ctx
         self.in_features = base.in_features
         self.out_features = base.out_features
-        z = {"dtype": dtype, "device": device}
-        self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, self.in_features, **z))
-        self.register_buffer("lora_bt", torch.zeros(num_slots, max_rank, self.out_features, **z))  # B^T
-        # Folded into B at load time would change rounding against PEFT; keep it apart.
-        self.register_buffer("scaling", torch.zeros(num_slots, **z))  # [slots]
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self._z = {"dtype": dtype, "device": device}
+        # Allocated by the first adapter that targets this layer (`_allocate`).
+        self.register_buffer("lora_a", None)  # [slots, max_rank, in]
+        self.register_buffer("lora_bt", None)  # [slots, max_rank, out]: B^T
+        # Kept apart rather than folded into B, as PEFT applies it.
+        self.register_buffer("scaling", None)  # [slots]
+        self.scales = [0.0] * num_slots  # the same, as Python floats for the direct way
         self.filled = [False] * num_slots
-        self.version = 0  # counts changes of the slot tensors (RowSlots.selected's copies)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -120,53 +157,40 @@ class StackedLoraLinear(nn.Module):
         # adapters leave the MLP layers' slots empty).
         if not self.ctx.active or not any(self.filled[s] for s in self.ctx.used):
             return y
-        ctx = self.ctx
-        xs = x.to(self.lora_a.dtype)  # [B, T, in]
-        if ctx.onehot is not None:
-            delta, scale = self._stacked(xs, ctx)
+        plan = self.ctx.plan(x.shape[-2] if x.dim() == 3 else 1)
+        xf = x.reshape(-1, self.in_features).to(self.lora_a.dtype)
+        delta = torch.zeros_like(y) if y.dtype != self.lora_a.dtype else None
+        yf = (delta if delta is not None else y).view(-1, self.out_features)
+        for slot, tokens, rank in plan.direct:
+            if self.filled[slot]:
+                self._direct(xf, yf, slot, tokens, rank)
+        if plan.gather is not None:
+            self._grouped(xf, yf, plan)
+        return y if delta is None else y + delta.to(y.dtype)
+
+    def _direct(self, xf: torch.Tensor, yf: torch.Tensor, slot: int, tokens: torch.Tensor | None,
+                rank: int) -> None:
+        a, bt, s = self.lora_a[slot, :rank], self.lora_bt[slot, :rank], self.scales[slot]
+        if tokens is None:  # every token: no gather, no scatter
+            yf.addmm_(xf @ a.T, bt, alpha=s)
         else:
-            delta, scale = self._gathered(xs, ctx)
-        # Per-row scaling after B, as PEFT orders it; 0 for bare-base rows, so y is unchanged.
-        return y + (delta * scale.view(-1, 1, 1)).to(y.dtype)
+            yf.index_add_(0, tokens, xf.index_select(0, tokens) @ a.T @ bt, alpha=s)
 
-    def _stacked(self, xs: torch.Tensor, ctx: RowSlots) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t, _ = xs.shape
-        r, onehot = ctx.rank, ctx.onehot
-        u = onehot.shape[1]
-        if ctx.uniq is None:  # every slot, full rank: views, no copy
-            a, bt, scaling = self._flat_a(), self._flat_bt(), self.scaling
-        else:
-            a, bt, scaling = self._selected(ctx)
-        # Each row keeps its own block. A fill, not a x0: another adapter's block may hold inf
-        # (finite but huge weights), and inf x 0 would be NaN in this row.
-        h = (xs @ a.T).view(b, t, u, r).masked_fill(ctx.off.view(b, 1, u, 1), 0.0)
-        return h.view(b, t, u * r) @ bt, onehot @ scaling  # [B, T, out], [B]
+    def _grouped(self, xf: torch.Tensor, yf: torch.Tensor, plan: Plan) -> None:
+        r, p = plan.rank, plan.width
+        xs = xf.index_select(0, plan.gather).view(self.num_slots, p, self.in_features)
+        # Each slot's rows meet only that slot's weights: another adapter's inf stays its own.
+        h = torch.bmm(xs, self.lora_a[:, :r].transpose(1, 2)).mul_(self.scaling.view(-1, 1, 1))
+        delta = torch.bmm(h, self.lora_bt[:, :r]).view(-1, self.out_features)
+        if plan.valid is not None:
+            delta = delta.index_select(0, plan.valid)
+        yf.index_add_(0, plan.tokens, delta)
 
-    def _selected(self, ctx: RowSlots) -> tuple[torch.Tensor, ...]:
-        """The batch's distinct adapters' A, B^T and scalings, copied again only when the
-        adapters or a slot's weights changed (copying them was ~4% of a decode step)."""
-        key = (ctx.key, self.version)
-        last = ctx.selected.get(self)
-        if last is not None and last[0] == key:
-            return last[1]
-        copies = (self._flat_a().index_select(0, ctx.rows), self._flat_bt().index_select(0, ctx.rows),
-                  self.scaling.index_select(0, ctx.uniq))
-        ctx.selected[self] = (key, copies)
-        return copies
-
-    def _gathered(self, xs: torch.Tensor, ctx: RowSlots) -> tuple[torch.Tensor, torch.Tensor]:
-        b, r = xs.shape[0], ctx.rank
-        a = self._flat_a().index_select(0, ctx.rows).view(b, r, self.in_features)
-        bt = self._flat_bt().index_select(0, ctx.rows).view(b, r, self.out_features)
-        h = torch.bmm(xs, a.transpose(1, 2))  # [B, T, r]
-        delta = torch.bmm(h, bt).masked_fill(ctx.row_off, 0.0)  # bare rows ran slot 0: zero, not x0
-        return delta, self.scaling.index_select(0, ctx.row_slot)
-
-    def _flat_a(self) -> torch.Tensor:
-        return self.lora_a.view(-1, self.in_features)  # [slots * max_rank, in]
-
-    def _flat_bt(self) -> torch.Tensor:
-        return self.lora_bt.view(-1, self.out_features)  # [slots * max_rank, out]
+    def _allocate(self) -> None:
+        z, n, r = self._z, self.num_slots, self.max_rank
+        self.lora_a = torch.zeros(n, r, self.in_features, **z)
+        self.lora_bt = torch.zeros(n, r, self.out_features, **z)
+        self.scaling = torch.zeros(n, **z)
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None,
@@ -177,17 +201,27 @@ class StackedLoraLinear(nn.Module):
                 self.lora_a[slot].zero_()
                 self.lora_bt[slot].zero_()
                 self.scaling[slot] = 0.0
+                self.scales[slot] = 0.0
                 self.filled[slot] = False
-                self.version += 1
             return
+        if self.lora_a is None:
+            self._allocate()
         r = a.shape[0]
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
         self.lora_a[slot, r:].zero_()
         self.lora_bt[slot, :r].copy_(bt, non_blocking=True)
         self.lora_bt[slot, r:].zero_()
         self.scaling[slot] = scaling
+        self.scales[slot] = float(scaling)
         self.filled[slot] = True
-        self.version += 1
+
+
+def slot_memory(layers: dict[str, StackedLoraLinear]) -> tuple[int, int]:
+    """(bytes the slot tensors take now, bytes they would take if every layer were targeted)."""
+    now = sum(b.nbytes for layer in layers.values() for b in layer.buffers(recurse=False))
+    most = sum(layer.num_slots * (layer.max_rank * (layer.in_features + layer.out_features) + 1)
+               * torch.finfo(layer._z["dtype"]).bits // 8 for layer in layers.values())
+    return now, most
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -202,7 +236,7 @@ def attach_stacked_lora(model: nn.Module, num_slots: int, max_rank: int, dtype: 
     Returns the shared row->slot context and the wrapped layers by module name (the name
     PEFT uses in its adapter files, e.g. `model.layers.0.self_attn.q_proj`).
     """
-    ctx = RowSlots(ranks=[0] * num_slots, max_rank=max_rank)
+    ctx = RowSlots(ranks=[0] * num_slots, max_rank=max_rank, costs=LoraCosts())
     names = [n for n, m in model.named_modules() if is_linear(m) and ".layers." in f".{n}"]
     wrapped: dict[str, StackedLoraLinear] = {}
     for name in names:

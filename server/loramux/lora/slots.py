@@ -18,7 +18,7 @@ from cachetools import LRUCache
 
 from loramux import faults
 from loramux.errors import FailedPrecondition, Internal, InvalidArgument, LoramuxError, ResourceExhausted
-from loramux.lora.layers import StackedLoraLinear
+from loramux.lora.layers import StackedLoraLinear, slot_memory
 from loramux.lora.store import AdapterRecord, AdapterStore, AdapterWeights
 
 log = logging.getLogger(__name__)
@@ -206,3 +206,4 @@ class AdapterSlots:
     def _update_gauges(self) -> None:
         self.metrics.adapters_active.set(len(self._lru) + len(self._pinned))
         self.metrics.adapter_host_cache_bytes.set(self.host.currsize)
+        self.metrics.lora_slot_memory.set(slot_memory(self.layers)[0])  # grows as layers are targeted

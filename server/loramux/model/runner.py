@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from loramux.lora.layers import attach_stacked_lora
+from loramux.lora.layers import attach_stacked_lora, slot_memory
 from loramux.model.quant import lean_4bit
 
 LEFT_ROOM = 64  # free columns kept left of the live window, for joining prompts wider than it
@@ -230,7 +230,8 @@ class Runner:
 
     @property
     def slot_bytes(self) -> int:
-        return sum(b.nbytes for layer in self.layers.values() for b in layer.buffers(recurse=False))
+        """Bytes of LoRA slot tensors allocated so far (layers get them on first use)."""
+        return slot_memory(self.layers)[0]
 
     def model_bytes(self) -> int:
         return self.model.get_memory_footprint() - self.slot_bytes
