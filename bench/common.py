@@ -625,6 +625,7 @@ def in_process(num_slots: int, max_rank: int, device_name: str = "cpu"):
     dtype = resolve_dtype("auto", device)
     model, tokenizer = load_base(ModelSpec(str(bench_model()), "nf4", device, dtype))
     runner = Runner(model, tokenizer, num_slots, max_rank, device, dtype)
+    runner.calibrate()
     store = AdapterStore(runner.layer_shapes, (adapters_root().resolve(),), max_rank, 1 << 30, dtype)
     metrics = Metrics()
     slots = AdapterSlots(store, runner.layers, num_slots, 2 << 30, metrics)

@@ -52,6 +52,7 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     started = time.perf_counter()
     model, tokenizer = load_base(ModelSpec(cfg.model, cfg.quantization, device, dtype))
     runner = Runner(model, tokenizer, cfg.max_active_adapters, cfg.max_lora_rank, device, dtype)
+    runner.calibrate()
     metrics.model_memory.set(runner.model_bytes())
     metrics.lora_slot_memory.set(runner.slot_bytes)
     log.info("model ready in %.1fs: weights %.1f MiB; LoRA slots (%d x rank %d) take up to %.1f MiB, "

@@ -9,7 +9,9 @@ between steps: continuous batching. Rows can also step out with their keys and v
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +21,10 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from loramux.lora.layers import attach_stacked_lora, slot_memory
+from loramux.model.calibrate import forward_cost_tokens, lora_costs
 from loramux.model.quant import lean_4bit
+
+log = logging.getLogger(__name__)
 
 LEFT_ROOM = 64  # free columns kept left of the live window, for joining prompts wider than it
 RIGHT_ROOM = 64  # at least this many free columns kept right of it, for decode steps
@@ -216,13 +221,28 @@ class Runner:
         for layer in model.modules():
             if isinstance(layer, GradientCheckpointingLayer):  # transformers' decoder layers
                 layer.register_forward_pre_hook(self._between_layers)
-        # What one more prefill forward costs, in prompt tokens: on a CPU a forward's fixed
-        # cost (dequantize every layer, Python) is about 12 tokens' work on the benchmark
-        # model; on an accelerator padding costs little and every forward is a launch train.
-        self.forward_cost_tokens = 16 if device.type == "cpu" else 256
+        # What one more prefill forward costs, in prompt tokens (`calibrate` measures it):
+        # on a CPU a forward's fixed cost is dequantizing every layer and Python; on an
+        # accelerator padding costs little and every forward is a train of launches.
+        self.forward_cost_tokens = 16.0
+        self._num_slots, self._max_rank, self._dtype = num_slots, max_rank, dtype
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+
+    def calibrate(self) -> None:
+        """Measure the cost-model constants on this model and device (about a second)."""
+        started = time.perf_counter()
+        costs = lora_costs([(layer.in_features, layer.out_features) for layer in self.layers.values()],
+                           self._num_slots, self._max_rank, self._dtype, self.device)
+        c = self.ctx.costs
+        c.direct, c.group, c.row_rank = costs.direct, costs.group, costs.row_rank
+        self.forward_cost_tokens = forward_cost_tokens(
+            lambda prompts: self.prefill(prompts, [-1] * len(prompts)), self.pad_id or 0, self.device)
+        log.info("cost model measured in %.1fs: a prefill forward costs %.0f prompt tokens; per LoRA layer "
+                 "%.0f us per direct adapter, grouped %.0f us + %.2f ns per row x rank",
+                 time.perf_counter() - started, self.forward_cost_tokens, c.direct * 1e6, c.group * 1e6,
+                 c.row_rank * 1e9)
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, int]]:

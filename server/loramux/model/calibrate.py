@@ -1,0 +1,86 @@
+"""Cost-model constants measured on the served model and device at start-up.
+
+The scheduler and the LoRA plan weigh fixed costs (a forward, a tensor op) against work
+per token. Those ratios differ by an order of magnitude between a 30M model and a 135M
+one, and between a CPU and an accelerator, so they are timed here, on the model's own
+layer shapes, rather than written down once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+from loramux.lora.layers import LoraCosts
+
+log = logging.getLogger(__name__)
+
+
+def _seconds(fn: Callable[[], object], device: torch.device, repeat: int = 5) -> float:
+    """Best of `repeat` timed calls after one warm-up call (the best: least disturbed)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def lora_costs(shapes: list[tuple[int, int]], num_slots: int, rank: int, dtype: torch.dtype,
+               device: torch.device) -> LoraCosts:
+    """Per-layer costs of the two LoRA ways (`lora.layers`), averaged over the model's
+    wrapped layer shapes (in, out), with tensors like the slots' own."""
+    total = LoraCosts(0.0, 0.0, 0.0)
+    for shape, n in Counter(shapes).items():
+        one = _shape_costs(*shape, num_slots, rank, {"dtype": dtype, "device": device})
+        weight = n / len(shapes)
+        total.direct += weight * one.direct
+        total.group += weight * one.group
+        total.row_rank += weight * one.row_rank
+    return total
+
+
+def _shape_costs(d_in: int, d_out: int, num_slots: int, rank: int, z: dict, rows: int = 4) -> LoraCosts:
+    device = z["device"]
+    a, bt = torch.randn(num_slots, rank, d_in, **z), torch.randn(num_slots, rank, d_out, **z)
+    scaling = torch.ones(num_slots, 1, 1, **z)
+    x, y = torch.randn(num_slots * rows, d_in, **z), torch.zeros(num_slots * rows, d_out, **z)
+    one = torch.tensor([1], device=device)
+
+    def direct() -> None:
+        y.index_add_(0, one, x.index_select(0, one) @ a[0].T @ bt[0], alpha=0.5)
+
+    def grouped(p: int) -> Callable[[], None]:
+        idx = torch.arange(num_slots * p, device=device)
+
+        def run() -> None:
+            xs = x.index_select(0, idx).view(num_slots, p, d_in)
+            h = torch.bmm(xs, a.transpose(1, 2)).mul_(scaling)
+            y.index_add_(0, idx, torch.bmm(h, bt).view(-1, d_out))
+        return run
+
+    one_row, more_rows = _seconds(grouped(1), device), _seconds(grouped(rows), device)
+    row_rank = max(more_rows - one_row, 0.0) / (num_slots * (rows - 1) * rank)
+    return LoraCosts(_seconds(direct, device), max(one_row - num_slots * rank * row_rank, 0.0), row_rank)
+
+
+def forward_cost_tokens(prefill: Callable[[list[list[int]]], object], token: int, device: torch.device,
+                        short: int = 8, long: int = 64) -> float:
+    """A prefill forward's fixed cost in prompt tokens' worth: time one prompt of `short`
+    and one of `long` tokens; the line through them crosses zero tokens at the fixed cost."""
+    t_short = _seconds(lambda: prefill([[token] * short]), device, repeat=3)
+    t_long = _seconds(lambda: prefill([[token] * long]), device, repeat=3)
+    per_token = max((t_long - t_short) / (long - short), 1e-9)
+    return max(t_short - short * per_token, 0.0) / per_token
