@@ -343,10 +343,12 @@ class HttpOutcome(c.Outcome):
     prompt_n: int = -1  # prompt tokens llama-server evaluated (its final `timings.prompt_n`)
 
 
-def stream_one(conn: http.client.HTTPConnection, body: dict, index: int, adapter_id: str,
-               t0: float) -> HttpOutcome:
-    """POST one streamed /completion on a kept-alive connection; the time of every token."""
+def stream_one(port: int, body: dict, index: int, adapter_id: str, t0: float, timeout: float = 600) -> HttpOutcome:
+    """POST one streamed /completion on a connection of its own; the time of every token.
+    (llama-server closes kept-alive connections after a streamed answer, sometimes after the
+    client has sent its next request on it: one connection per request, ~0.1 ms on loopback.)"""
     out = HttpOutcome(index, adapter_id, time.perf_counter() - t0)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("POST", "/completion", body=json.dumps(body).encode(),
                      headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
@@ -371,14 +373,15 @@ def stream_one(conn: http.client.HTTPConnection, body: dict, index: int, adapter
                 out.prompt_n = int(chunk.get("timings", {}).get("prompt_n", chunk.get("tokens_evaluated", -1)))
     except (OSError, http.client.HTTPException, ValueError) as exc:
         out.error = f"{type(exc).__name__}: {exc}"
-        conn.close()  # reconnects on the next request
+    finally:
+        conn.close()
     return out
 
 
 def run_http_load(server: LlamaServer, requests: list[c.BenchRequest], concurrency: int,
                   body_of: Callable[[c.BenchRequest], dict], timeout: float = 600) -> c.LoadResult:
-    """`common.run_load` for llama-server: `concurrency` threads, each with its own kept-alive
-    HTTP connection, closed loop (take the next request, stream it, time its tokens)."""
+    """`common.run_load` for llama-server: `concurrency` client threads, closed loop (take the
+    next request, stream it, time its tokens)."""
     pending = iter(range(len(requests)))
     take = threading.Lock()
     done: list[HttpOutcome | None] = [None] * len(requests)
@@ -386,18 +389,14 @@ def run_http_load(server: LlamaServer, requests: list[c.BenchRequest], concurren
     t0 = [0.0]
 
     def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
         go.wait()
-        try:
-            while True:
-                with take:
-                    i = next(pending, None)
-                if i is None:
-                    return
-                req = requests[i]
-                done[i] = stream_one(conn, body_of(req), req.index, req.adapter_id, t0[0])
-        finally:
-            conn.close()
+        while True:
+            with take:
+                i = next(pending, None)
+            if i is None:
+                return
+            req = requests[i]
+            done[i] = stream_one(server.port, body_of(req), req.index, req.adapter_id, t0[0], timeout)
 
     workers = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     for w in workers:

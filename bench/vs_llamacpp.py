@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import math
 import shlex
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -78,6 +79,8 @@ def scenarios(args, adapter_ids: list[str]) -> dict[str, tuple[str, list[str]]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # A SIGTERM'd run exits through its `finally`s, which stop the servers it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     c.set_model(MODEL)
     env = c.start(args.snapshot)
     binary = llamacpp.ensure_server()
