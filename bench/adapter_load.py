@@ -72,7 +72,7 @@ def measure(slots, store, device, ids: list[str], iterations: int, from_disk: bo
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = c.start(args.snapshot)
+    env = c.start(args.snapshot, args.model)
     ranks = [int(x) for x in args.ranks.split(",")]
     folders = {r: c.ensure_adapters(2, rank=r) for r in ranks}
     runner, store, slots, metrics, device = c.in_process(1, args.max_lora_rank, args.device)

@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 RESULTS_DIR = REPO / "bench" / "results"
-MODEL_NAME = "bench-30m"
+MODEL_NAME = "smollm2-135m-instruct"  # the default model; --model bench-30m for the small random one
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SEED = 1234
 _WORD_TEXT = (
@@ -59,7 +59,7 @@ def adapters_root() -> Path:
 
 
 def bench_model() -> Path:
-    """The benchmarked model's folder (`MODEL_NAME`: the ~30M-parameter random Llama unless a
+    """The benchmarked model's folder (`MODEL_NAME`: the server's default model unless a
     script's --model names another), built once into the model cache."""
     from loramux.model.loader import resolve_model_path
 
@@ -222,16 +222,54 @@ def make_prompt(rng: random.Random, tokens: int) -> str:
     return " ".join(words)[:chars]
 
 
+_TOKENIZERS: dict[str, object] = {}
+
+
+def tokenizer():
+    """The benchmarked model's tokenizer, loaded once per model."""
+    if MODEL_NAME not in _TOKENIZERS:
+        from bench.chat_requests import load_tokenizer
+
+        _TOKENIZERS[MODEL_NAME] = load_tokenizer()
+    return _TOKENIZERS[MODEL_NAME]
+
+
+def chat_model() -> bool:
+    """Whether the benchmarked model has a chat template (then prompts are chats)."""
+    return bool(getattr(tokenizer(), "chat_template", None))
+
+
+def default_ranges() -> tuple[tuple[int, int], tuple[int, int]]:
+    """(prompt tokens, new tokens) when a script is not told: a system prompt and a question
+    with answers of realistic length on a chat model; the byte-level range otherwise."""
+    return ((40, 400), (16, 256)) if chat_model() else ((32, 128), (32, 128))
+
+
+def ranges(prompt_tokens: str | None, new_tokens: str | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The --prompt-tokens / --new-tokens flags, or the model's defaults."""
+    prompt, new = default_ranges()
+    return (int_range(prompt_tokens) if prompt_tokens else prompt), (int_range(new_tokens) if new_tokens else new)
+
+
 def make_requests(count: int, n_adapters: int, dist: str = "powerlaw", seed: int = SEED,
-                  prompt_range: tuple[int, int] = (32, 128), new_range: tuple[int, int] = (32, 128),
+                  prompt_range: tuple[int, int] | None = None, new_range: tuple[int, int] | None = None,
                   alpha: float = 1.0, ignore_eos: bool = False) -> list[BenchRequest]:
     """The same prompts and lengths for a given (count, seed) whatever the adapter mix.
 
     Prompts and lengths come from one random stream, adapter choice from another: runs
-    with 1 or 128 adapters send identical text and token budgets.
+    with 1 or 128 adapters send identical text and token budgets. On a chat model the
+    prompts are chats (`bench.chat_requests`), else byte-level word salad of exact length.
     """
-    rng = random.Random(f"{seed}-prompts")
+    default_prompt, default_new = default_ranges()
+    prompt_range, new_range = prompt_range or default_prompt, new_range or default_new
     adapters = sample_adapters(count, n_adapters, dist, seed, alpha) if n_adapters else [""] * count
+    if chat_model():
+        from bench.chat_requests import make_chat_requests
+
+        chats = make_chat_requests(tokenizer(), count, (), seed, prompt_range, new_range, ignore_eos)
+        return [BenchRequest(r.index, a, r.prompt, r.prompt_tokens, r.max_new_tokens, ignore_eos)
+                for r, a in zip(chats, adapters, strict=True)]
+    rng = random.Random(f"{seed}-prompts")
     out = []
     for i in range(count):
         p_len = rng.randint(*prompt_range)
@@ -255,8 +293,18 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) else math.nan
 
 
+def add_length_options(p) -> None:
+    """--prompt-tokens and --new-tokens "min,max"; unset: the model's defaults (`ranges`)."""
+    p.add_argument("--prompt-tokens", default=None,
+                   help="min,max prompt tokens per request (default: 40,400 on a chat model, else 32,128)")
+    p.add_argument("--new-tokens", default=None,
+                   help="min,max new tokens per request (default: 16,256 on a chat model, else 32,128)")
+
+
 def add_run_options(p) -> None:
-    """The options every benchmark script takes: --wait-quiet and --snapshot."""
+    """The options every benchmark script takes: --model, --wait-quiet and --snapshot."""
+    p.add_argument("--model", default=MODEL_NAME,
+                   help="named model: smollm2-135m-instruct (the default model), bench-30m, tiny")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="before each run or measurement, wait up to this many seconds for other "
                    "processes to leave the CPU")
@@ -569,6 +617,7 @@ def environment() -> dict:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": _SNAPSHOT.get("commit") or git_commit(),
+        "model": MODEL_NAME,
         "server_code": f"snapshot {_SNAPSHOT['path']}" if _SNAPSHOT else "working tree",
         "loramux": str(Path(loramux.__file__).parent),
         "python": platform.python_version(),
@@ -645,11 +694,13 @@ def int_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def start(snapshot: str | None) -> dict:
-    """What every script does first: pick the code (a snapshot or the working tree), record
-    the environment, silence library chatter."""
+def start(snapshot: str | None, model: str | None = None) -> dict:
+    """What every script does first: pick the code (a snapshot or the working tree) and the
+    model, record the environment, silence library chatter."""
     if snapshot:
         snapshot_server_code(snapshot)
+    if model:
+        set_model(model)
     env = environment()
     quiet()
     return env

@@ -38,8 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--idle-requests", type=int, default=12, help="requests of the idle run")
-    p.add_argument("--new-tokens", default="32,128", help="min,max new tokens per request")
-    p.add_argument("--prompt-tokens", default="32,128", help="min,max prompt tokens per request")
+    c.add_length_options(p)
     p.add_argument("--seed", type=int, default=c.SEED)
     p.add_argument("--stop-at-eos", action="store_true",
                    help="let answers end at EOS (default: ignore_eos, every request generates exactly its "
@@ -61,10 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = c.start(args.snapshot)
+    env = c.start(args.snapshot, args.model)
     counts = [int(x) for x in args.adapters.split(",")]
     dists = [d.strip() for d in args.dist.split(",") if d.strip()]
-    new_range, prompt_range = c.int_range(args.new_tokens), c.int_range(args.prompt_tokens)
+    prompt_range, new_range = c.ranges(args.prompt_tokens, args.new_tokens)
     adapters = c.ensure_adapters(max(counts), rank=args.rank)
     work = c.workdir("scaling")
     print(f"commit {env['commit']} ({env['server_code']}), {env['date']}")

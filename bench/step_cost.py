@@ -35,7 +35,6 @@ from bench import common as c  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=c.MODEL_NAME, help="named model (bench-30m, smollm2-135m-instruct, tiny)")
     p.add_argument("--rows", type=int, default=20, help="decode batch rows")
     p.add_argument("--adapters", type=int, default=10, help="distinct adapters among the rows")
     p.add_argument("--threads", type=int, default=1, help="torch threads (an engine thread's own team)")
@@ -106,8 +105,7 @@ def peft_a() -> tuple[float, int] | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    c.set_model(args.model)
-    env = c.start(args.snapshot)
+    env = c.start(args.snapshot, args.model)
     from loramux.engine.cores import set_threads
 
     set_threads(args.threads)

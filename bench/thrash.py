@@ -37,8 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dist", default="powerlaw", help="powerlaw, uniform, or both (comma-separated)")
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--new-tokens", default="32,128", help="min,max new tokens per request")
-    p.add_argument("--prompt-tokens", default="32,128", help="min,max prompt tokens per request")
+    c.add_length_options(p)
     p.add_argument("--no-host-cache-run", action="store_true", help="skip the run without a host cache")
     p.add_argument("--seed", type=int, default=c.SEED)
     c.add_run_options(p)  # --wait-quiet, --snapshot
@@ -53,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = c.start(args.snapshot)
+    env = c.start(args.snapshot, args.model)
     dists = [d.strip() for d in args.dist.split(",") if d.strip()]
     adapters = c.ensure_adapters(args.adapters, rank=args.rank)
     work = c.workdir("thrash")
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
             c.warm_up(srv.address)
             for dist in dists:
                 reqs = c.make_requests(args.requests, args.adapters, dist, args.seed,
-                                       c.int_range(args.prompt_tokens), c.int_range(args.new_tokens), args.alpha)
+                                       *c.ranges(args.prompt_tokens, args.new_tokens), args.alpha)
                 c.wait_for_quiet(args.wait_quiet)
                 before = c.server_counters(srv)
                 res = c.run_load(srv.address, reqs, concurrency=args.clients, server_pid=srv.proc.pid)

@@ -30,7 +30,6 @@ from bench import common as c  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=c.MODEL_NAME, help="named model (bench-30m, smollm2-135m-instruct, tiny)")
     p.add_argument("--adapters", type=int, default=32)
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--dist", default="powerlaw", choices=["powerlaw", "uniform"])
@@ -44,8 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=None, help="loramux device slots (default: --adapters)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--new-tokens", default="32,128", help="min,max new tokens per request")
-    p.add_argument("--prompt-tokens", default="32,128", help="min,max prompt tokens per request")
+    c.add_length_options(p)
     p.add_argument("--seed", type=int, default=c.SEED)
     p.add_argument("--skip", default="", help="comma-separated runs to skip: a, b, loramux")
     p.add_argument("--no-loramux-after", dest="loramux_after", action="store_false",
@@ -148,12 +146,11 @@ def peft_warm_up(model, tokenizer, adapter_ids: list[str]) -> None:
 # --- main --------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
-    c.set_model(args.model)
-    env = c.start(args.snapshot)
+    env = c.start(args.snapshot, args.model)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     adapters = c.ensure_adapters(args.adapters, rank=args.rank)
     requests = c.make_requests(args.requests, args.adapters, args.dist, args.seed,
-                               c.int_range(args.prompt_tokens), c.int_range(args.new_tokens), args.alpha)
+                               *c.ranges(args.prompt_tokens, args.new_tokens), args.alpha)
     work = c.workdir("vs_peft")
     print(f"commit {env['commit']} ({env['server_code']}), {env['date']}")
     print(f"model {c.MODEL_NAME} nf4 (float32 compute), {args.adapters} rank-{args.rank} adapters, "
