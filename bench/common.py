@@ -26,7 +26,8 @@ if str(REPO) not in sys.path:
 
 RESULTS_DIR = REPO / "bench" / "results"
 MODEL_NAME = "smollm2-135m-instruct"  # the default model; --model bench-30m for the small random one
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Adapters target all 7 projections of a Llama block, as issue 14 measures.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SEED = 1234
 _WORD_TEXT = (
     "the of and to in is was for on that with as by at from his her an were are which this be "

@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(n_adapters: int):
     """Runner over the 4-bit bench model with 32 slots, `n_adapters` of them loaded."""
-    runner, store, slots, _, _ = c.in_process(32, 8)
+    runner, store, slots, _, _ = c.in_process(32, 16)  # the server's defaults
     ids = []
     for aid, folder in c.ensure_adapters(n_adapters, rank=8).items():
         store.add(store.inspect(aid, folder.resolve(), "rpc"))
