@@ -35,7 +35,6 @@ from bench import chat_requests as chat  # noqa: E402
 from bench import common as c  # noqa: E402
 from bench import llamacpp  # noqa: E402
 
-MODEL = "smollm2-135m-instruct"
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SERVERS = ("llama.cpp", "loramux")
 
@@ -57,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32, help="loramux --max-batch-size")
     p.add_argument("--server-args", default="", help="more flags for the loramux server")
     p.add_argument("--llama-args", default="", help="more flags for llama-server")
-    c.add_run_options(p)  # --wait-quiet, --snapshot
+    c.add_run_options(p)  # --model (one built from a GGUF file), --wait-quiet, --snapshot
     p.add_argument("--quick", action="store_true", help="smoke run: 8 requests, 8 clients, 2 adapters, "
                    "16 new tokens, one round")
     args = p.parse_args(argv)
@@ -81,10 +80,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # A SIGTERM'd run exits through its `finally`s, which stop the servers it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    c.set_model(MODEL)
-    env = c.start(args.snapshot)
+    env = c.start(args.snapshot, args.model)
+    from loramux.model.gguf import GGUF_MODELS
+
+    if c.MODEL_NAME not in GGUF_MODELS:  # llama-server needs the GGUF file loramux's model comes from
+        raise SystemExit(f"--model {c.MODEL_NAME}: vs_llamacpp runs only models built from a GGUF file "
+                         f"({', '.join(GGUF_MODELS)})")
     binary = llamacpp.ensure_server()
-    model_gguf = llamacpp.ensure_model_gguf(MODEL)
+    model_gguf = llamacpp.ensure_model_gguf(c.MODEL_NAME)
     base = c.bench_model()
     adapters = c.ensure_adapters(args.adapters, rank=args.rank, targets=ALL_TARGETS)
     print(f"converting {len(adapters)} adapters to LoRA GGUF ({args.outtype}; cached next to them)", flush=True)
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     lengths = [r.prompt_tokens for r in first]
     work = c.workdir("vs_llamacpp" + ("-quick" if args.quick else ""))
     print(f"commit {env['commit']} ({env['server_code']}), {env['date']}")
-    print(f"model {MODEL}: llama.cpp {model_gguf.name} ({llamacpp.PACKAGE} {llamacpp.VERSION}'s llama.cpp), "
+    print(f"model {c.MODEL_NAME}: llama.cpp {model_gguf.name} ({llamacpp.PACKAGE} {llamacpp.VERSION}'s llama.cpp), "
           f"loramux nf4 (float32 compute); {args.adapters} rank-{args.rank} adapters on {len(ALL_TARGETS)} "
           f"projections; {args.requests} chat requests per scenario, prompts {min(lengths)}-{max(lengths)} tokens "
           f"(mean {statistics.mean(lengths):.1f}), {args.new_tokens} new tokens, greedy, EOS ignored; "
