@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import time
 
@@ -17,7 +16,6 @@ from loramux.api.auth import AdminTokenInterceptor
 from loramux.api.interceptor import ErrorInterceptor
 from loramux.api.servicers import AdapterRegistryServicer, GenerationServicer
 from loramux.config import ServerConfig
-from loramux.engine.cores import set_threads
 from loramux.engine.engine import Engine
 from loramux.engine.watcher import AdapterDirWatcher
 from loramux.lora import registry_file
@@ -26,7 +24,7 @@ from loramux.lora.slots import AdapterSlots
 from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
 from loramux.model.loader import ModelSpec, load_base, resolve_device, resolve_dtype
-from loramux.model.runner import Runner
+from loramux.model.runner import Runner, set_threads
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from loramux.pb.loramux.v1 import loramux_pb2_grpc as pb_grpc
 
@@ -34,13 +32,9 @@ log = logging.getLogger("loramux")
 SERVICES = ("loramux.v1.Generation", "loramux.v1.AdapterRegistry")
 
 
-def engine_threads(threads: int, device) -> int:
-    """Torch threads for each of the two engine threads (prefill, decode), which run at
-    once: on CPU each gets half the cores by default, so their OpenMP teams do not fight
-    over them (bench/README.md). 0 on CUDA: torch's default."""
-    if threads == 0 and device.type == "cpu":
-        threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    set_threads(threads)  # this thread's (loading); each engine thread sets its own
+def engine_threads(threads: int) -> int:
+    """Torch threads of the engine thread (0: torch's default, every usable core on CPU)."""
+    set_threads(threads)  # this thread's (loading, calibration); the engine thread sets its own
     return threads
 
 
@@ -48,7 +42,7 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     """Load the base, attach LoRA slots, and make the adapter tiers and the engine."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.compute_dtype, device)
-    threads = engine_threads(cfg.torch_threads, device)
+    threads = engine_threads(cfg.torch_threads)
     started = time.perf_counter()
     model, tokenizer = load_base(ModelSpec(cfg.model, cfg.quantization, device, dtype))
     runner = Runner(model, tokenizer, cfg.max_active_adapters, cfg.max_lora_rank, device, dtype)
@@ -67,7 +61,7 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
                   registry_path=cfg.adapter_dir / registry_file.FILE_NAME, log_requests=cfg.log_requests,
                   max_slot_wait=cfg.max_slot_wait, min_turn=cfg.min_slot_turn,
                   max_prefill_tokens=cfg.max_prefill_tokens,
-                  torch_threads=threads, lend_cores=cfg.lend_cores and device.type == "cpu")
+                  torch_threads=threads)
 
 
 class App:

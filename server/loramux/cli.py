@@ -54,10 +54,8 @@ def _serve_parser(sub) -> None:
     _add(p, "--host-cache-bytes", int, 2 << 30, "bytes of adapter tensors kept in host RAM")
     _add(p, "--max-adapter-bytes", int, 1 << 30, "largest adapter weights file accepted")
     _add(p, "--max-batch-size", int, 16, "rows decoded together")
-    _add(p, "--torch-threads", int, 0, "torch threads for each of the two engine threads (prefill and "
-         "decode run side by side); 0: half the usable cores on CPU, torch's default on CUDA")
-    _add(p, "--lend-cores", bool, True, "CPU: decode steps use the prefill thread's torch threads too "
-         "while no prompt is being prefilled")
+    _add(p, "--torch-threads", int, 0, "torch threads of the engine thread; 0: torch's default (every "
+         "usable core on CPU)")
     _add(p, "--max-queue", int, 256, "waiting requests before RESOURCE_EXHAUSTED")
     _add(p, "--max-prefill-tokens", int, 512, "tokens (rows x longest prompt) prefilled together; "
          "smaller starts the first rows of a burst sooner, larger spends less per token")
@@ -153,7 +151,7 @@ def _serve(args) -> int:
             adapter_dir=args.adapter_dir, allow_adapter_roots=tuple(Path(p) for p in args.allow_adapter_root),
             max_active_adapters=args.max_active_adapters, max_lora_rank=args.max_lora_rank,
             host_cache_bytes=args.host_cache_bytes, max_adapter_bytes=args.max_adapter_bytes,
-            max_batch_size=args.max_batch_size, torch_threads=args.torch_threads, lend_cores=args.lend_cores,
+            max_batch_size=args.max_batch_size, torch_threads=args.torch_threads,
             max_queue=args.max_queue,
             max_slot_wait=args.max_slot_wait, min_slot_turn=args.min_slot_turn,
             max_prefill_tokens=args.max_prefill_tokens,

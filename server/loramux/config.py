@@ -27,8 +27,7 @@ class ServerConfig:
     host_cache_bytes: int = 2 << 30
     max_adapter_bytes: int = 1 << 30
     max_batch_size: int = 16
-    torch_threads: int = 0  # per engine thread (prefill, decode); 0: half the CPU's cores on CPU
-    lend_cores: bool = True  # CPU: decode steps borrow the prefill thread's cores while it idles
+    torch_threads: int = 0  # of the engine thread; 0: torch's default (every usable core on CPU)
     max_queue: int = 256
     max_prefill_tokens: int = 512  # one prefill's rows x longest prompt (one long prompt always fits)
     max_slot_wait: float = 0.02  # seconds an adapter waits for a slot before a running one is parked for it

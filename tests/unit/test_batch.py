@@ -119,17 +119,6 @@ def test_a_wide_join_widens_the_buffers_without_growing_their_rows(runner, monke
     assert batch.hi - batch.lo == len(ids(runner, b"a prompt far wider than the live window"))
 
 
-def test_decode_calls_back_before_each_decoder_layer_and_not_in_prefill(runner):
-    calls = []
-    logits, group = runner.prefill([ids(runner, b"hello")], [-1])
-    batch = merge(None, group)
-    runner.decode(batch, [int(logits.argmax(-1))], lambda: calls.append(1))
-    assert len(calls) == runner.model.config.num_hidden_layers
-    runner.prefill([ids(runner, b"again")], [-1])
-    runner.decode(batch, [1])
-    assert len(calls) == runner.model.config.num_hidden_layers  # only the step that asked
-
-
 @pytest.mark.parametrize("room", [(64, 64), (0, 1)], ids=["default-room", "relayout-every-step"])
 def test_rows_taken_out_and_put_back_go_on_where_they_stopped(runner, monkeypatch, room):
     """Rows taken out for some steps (their adapter gave its slot up) and appended again

@@ -1,13 +1,16 @@
-"""The step loops: admit, prefill, decode, stream, on two worker threads.
+"""The step loop: admit, prefill, decode, stream, on one worker thread.
 
-The prefill thread admits waiting requests into free rows, prefills them together and
-streams their first tokens; the decode thread merges those rows into the running batch
-between steps and decodes one token for every row: continuous batching, with prompts
-never stalling the running rows. When more adapters have work than there are slots, the
-decode thread also time-slices the slots between steps (`_rotate`): it parks the rows of
-an adapter whose turn is over (out of the batch, with their KV, onto a shelf) and puts
-them back when their adapter's turn comes. Tokens cross to the gRPC event loop through each
-request's queue (`Request.emit`).
+Each turn of the loop admits waiting requests into free rows (at most
+`--max-prefill-tokens` of prompt per turn), prefills them together, streams their first
+tokens and merges them into the running batch, then decodes one token for every row:
+continuous batching. Prefill goes first, so a wave of requests fills the batch within a
+few turns and every decode step runs as many rows as there are requests (on a 2-core CPU,
+one thread on both cores gave half the TTFT and 31.5 rows per step where a prefill thread
+beside a decode thread, a core each, gave 27; bench/README.md). When more adapters have
+work than there are slots, the loop also time-slices the slots between steps
+(`_rotate`): it parks the rows of an adapter whose turn is over (out of the batch, with
+their KV, onto a shelf) and puts them back when their adapter's turn comes. Tokens cross
+to the gRPC event loop through each request's queue (`Request.emit`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramux import faults
-from loramux.engine.cores import CoreLease, set_threads
 from loramux.engine.request import Event, Finish, Outbox, Params, Request
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.stream import TextStream
@@ -41,7 +43,7 @@ from loramux.lora import registry_file
 from loramux.lora.slots import AdapterSlots, SlotsFull
 from loramux.lora.store import AdapterRecord, AdapterStore
 from loramux.model.chat import render_chat
-from loramux.model.runner import Batch, Group, Runner, merge
+from loramux.model.runner import Batch, Group, Runner, merge, set_threads
 from loramux.model.sampling import Sampling, make_generator, sample
 
 log = logging.getLogger(__name__)
@@ -61,13 +63,13 @@ class Row:
 
 
 class Engine:
-    """Owns the scheduler, the running batch and the two worker threads."""
+    """Owns the scheduler, the running batch and the worker thread."""
 
     def __init__(self, runner: Runner, store: AdapterStore, slots: AdapterSlots, metrics,
                  max_batch_size: int, max_queue: int, max_model_len: int | None,
                  registry_path: Path | None = None, log_requests: bool = False,
                  max_slot_wait: float = 0.02, max_prefill_tokens: int | None = None,
-                 torch_threads: int = 0, lend_cores: bool = False, min_turn: float = 1.5) -> None:
+                 torch_threads: int = 0, min_turn: float = 1.5) -> None:
         self.log_requests = log_requests
         self.registry_path = registry_path  # where RPC registrations persist across restarts
         self.runner = runner
@@ -87,20 +89,12 @@ class Engine:
         self._parked: dict[str, float] = {}  # parked adapter -> when it was parked
         self._turns: dict[str, float] = {}  # adapter with active rows -> since when it has a slot
         self._held: set[str] = set()  # adapters due to be parked that get no new rows meanwhile
-        self._shelf: dict[str, tuple[list[Row], Group]] = {}  # parked rows by adapter (decode thread)
-        self._prefilled: deque[tuple[list[Row], Group]] = deque()  # prefill -> decode thread
-        self._admit_wake = threading.Event()
-        self._decode_wake = threading.Event()
+        self._shelf: dict[str, tuple[list[Row], Group]] = {}  # parked rows by adapter
+        self._prefilled: deque[tuple[list[Row], Group]] = deque()  # prefilled, not yet in the batch
+        self._wake = threading.Event()  # new work (a request, a cancel, a freed slot)
         self._stop = False
-        # torch's team size is per thread and a new thread starts with all cores: each
-        # worker sets its own. With `lend_cores` the decode thread borrows the prefill
-        # thread's cores between prefills (CPU).
-        self._torch_threads = torch_threads
-        self._cores = CoreLease(torch_threads, torch_threads if lend_cores else 0)
-        # Two threads: admission + prefill beside the decode steps, so a prompt never stalls
-        # the running rows and a new request never waits for a decode step to start.
-        self._threads = [threading.Thread(target=self._decode_loop, name="loramux-decode", daemon=True),
-                         threading.Thread(target=self._prefill_loop, name="loramux-prefill", daemon=True)]
+        self._torch_threads = torch_threads  # torch's team size is per thread: the worker sets its own
+        self._threads = [threading.Thread(target=self._loop, name="loramux-engine", daemon=True)]
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="loramux-prefetch")
 
     # --- called from the gRPC event loop -------------------------------------------------
@@ -137,13 +131,12 @@ class Engine:
             self.metrics.queue_depth.set(len(self.scheduler))
         if adapter_id:
             self._prefetch.submit(self.slots.prefetch, adapter_id)
-        self._admit_wake.set()
+        self._wake.set()
         return req
 
     def cancel(self, req: Request) -> None:
         req.cancelled = True
-        self._admit_wake.set()  # a queued request leaves the queue
-        self._decode_wake.set()  # a running one leaves the batch
+        self._wake.set()  # it leaves the queue or the batch
 
     async def events(self, req: Request) -> AsyncIterator[Event]:
         """A request's events until its finish; raises its error. Leaving early (the caller
@@ -210,16 +203,20 @@ class Engine:
 
     def stop(self) -> None:
         self._stop = True
-        self._admit_wake.set()
-        self._decode_wake.set()
+        self._wake.set()
         for thread in self._threads:
             thread.join(timeout=10)
         self._prefetch.shutdown(wait=False, cancel_futures=True)
 
-    # --- the decode thread --------------------------------------------------------------
-    def _decode_loop(self) -> None:
+    # --- the worker thread ----------------------------------------------------------------
+    def _loop(self) -> None:
         set_threads(self._torch_threads)
         while not self._stop:
+            try:
+                admitted = self._admit()
+            except Exception:  # never let the loop die; _admit fails the rows it took
+                log.exception("admission failed")
+                admitted = False
             try:
                 self._join_prefilled()
                 self._drop_gone_rows()
@@ -231,12 +228,12 @@ class Engine:
                 self._abandon_rows(exc)
             self.metrics.running.set(len(self.rows))
             self.metrics.parked.set(sum(len(rows) for rows, _ in self._shelf.values()))
-            if not self.rows:  # parked rows wait for a slot to free
-                self._decode_wake.wait(timeout=0.05 if self._shelf else 0.5)
-                self._decode_wake.clear()
+            if not self.rows and not admitted:  # parked rows wait for a slot to free
+                self._wake.wait(timeout=0.05 if self._shelf else 0.5)
+                self._wake.clear()
 
     def _join_prefilled(self) -> None:
-        """Merge rows the prefill thread finished into the batch (their first token is out)."""
+        """Merge the rows just prefilled into the batch (their first token is out)."""
         while self._prefilled:
             rows, group = self._prefilled.popleft()
             keep = [i for i, row in enumerate(rows) if not row.req.done]
@@ -256,9 +253,7 @@ class Engine:
         self.metrics.batch_size.observe(len(self.rows))
         self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in self.rows if r.req.adapter_id}))
         try:
-            with self._cores.step():
-                logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows],
-                                            self._cores.between_layers if self._cores.lent else None)
+            logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows])
             tokens = sample(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
         except Exception as exc:
             log.exception("decode step failed")
@@ -273,19 +268,7 @@ class Engine:
         if finished:
             self._remove(finished)
 
-    # --- the prefill thread: admission and prefill, beside the decode steps --------------
-    def _prefill_loop(self) -> None:
-        set_threads(self._torch_threads)
-        while not self._stop:
-            try:
-                worked = self._admit()
-            except Exception:  # never let the loop die; _admit fails the rows it took
-                log.exception("admission failed")
-                worked = False
-            if not worked:
-                self._admit_wake.wait(timeout=0.5)
-                self._admit_wake.clear()
-
+    # --- admission and prefill -----------------------------------------------------------
     def _admit(self) -> bool:
         """Take waiting requests into free rows and prefill them together; False if none."""
         now = time.monotonic()
@@ -323,12 +306,11 @@ class Engine:
         return Row(req, TextStream(self.runner.tokenizer, p.stop), sampling, gen, slot)
 
     def _prefill(self, rows: list[Row]) -> None:
-        """Run the prompts, stream each first token, hand the rows to the decode thread."""
+        """Run the prompts, stream each first token, queue the rows to join the batch."""
         try:
             if any(r.req.inject_fault == "step" for r in rows):
                 raise faults.InjectedFault("injected fault in a prefill step")
-            with self._cores:
-                logits, group = self.runner.prefill([r.req.prompt_ids for r in rows], [r.slot for r in rows])
+            logits, group = self.runner.prefill([r.req.prompt_ids for r in rows], [r.slot for r in rows])
             tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         except Exception as exc:
             log.exception("prefill failed")
@@ -343,7 +325,6 @@ class Engine:
             self._fail_prefilled([r for r in rows if not r.req.done], exc)
             return
         self._prefilled.append((rows, group))
-        self._decode_wake.set()
 
     def _fail_prefilled(self, rows: list[Row], exc: Exception) -> None:
         for row in rows:
@@ -438,7 +419,7 @@ class Engine:
         """Rows in the order the batch left them (`Batch.remove`/`take`)."""
         self.rows = [self.rows[i] for i in order]
 
-    # --- time-slicing the slots (decode thread, between steps) ----------------------------
+    # --- time-slicing the slots (between steps) -----------------------------------------
     def _rotate(self) -> None:
         """Park the rows of adapters whose turn is over and put back parked adapters whose
         turn has come (`Scheduler.rotate`). Pins change under the lock with the counts, so
@@ -467,7 +448,7 @@ class Engine:
             self._shelve(a)
         if park:
             self.metrics.adapter_preemptions.inc(len(park))
-            self._admit_wake.set()
+            self._wake.set()
         for a, error in failed.items():
             self._fail_shelved(a, dict.fromkeys(range(len(self._shelf[a][0])), error))
         for a, slot in back.items():
@@ -537,8 +518,7 @@ class Engine:
                     del self._parked[adapter_id]
             elif self._admitted[adapter_id] <= self._parked_rows[adapter_id]:
                 self._turns.pop(adapter_id, None)  # no active row left: its turn ends
-        self._admit_wake.set()
-        self._decode_wake.set()  # parked rows may take the slot
+        self._wake.set()  # queued requests or parked rows may take the slot
 
     def _fail(self, req: Request, error: Exception | None) -> None:
         """End a request with an error (None: it was cancelled, nobody is listening)."""

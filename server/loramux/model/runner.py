@@ -10,15 +10,12 @@ between steps: continuous batching. Rows can also step out with their keys and v
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from loramux.lora.layers import attach_stacked_lora, slot_memory
 from loramux.model.calibrate import forward_cost_tokens, lora_costs
@@ -217,10 +214,6 @@ class Runner:
         self.device = device
         lean_4bit(model)  # before wrapping: the LoRA layers call the base layers' forward
         self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device)
-        self._between = threading.local()  # this thread's step's call between decoder layers
-        for layer in model.modules():
-            if isinstance(layer, GradientCheckpointingLayer):  # transformers' decoder layers
-                layer.register_forward_pre_hook(self._between_layers)
         # What one more prefill forward costs, in prompt tokens (`calibrate` measures it):
         # on a CPU a forward's fixed cost is dequantizing every layer and Python; on an
         # accelerator padding costs little and every forward is a train of launches.
@@ -277,25 +270,14 @@ class Runner:
         return logits, Group(kv, mask, [len(p) for p in prompts], list(slots))
 
     @torch.inference_mode()
-    def decode(self, batch: Batch, tokens: list[int],
-               between_layers: Callable[[], None] | None = None) -> torch.Tensor:
-        """Feed one token per row, extend the batch's cache; return logits [B, vocab].
-        `between_layers` runs before each decoder layer (e.g. to hand back borrowed cores)."""
+    def decode(self, batch: Batch, tokens: list[int]) -> torch.Tensor:
+        """Feed one token per row, extend the batch's cache; return logits [B, vocab]."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         mask = batch.step_mask()
         positions = torch.tensor(batch.next_pos, dtype=torch.long, device=self.device).view(-1, 1)
-        self._between.call = between_layers
-        try:
-            logits = self._forward(ids, mask, positions, batch.cache, batch.slots)
-        finally:
-            self._between.call = None
+        logits = self._forward(ids, mask, positions, batch.cache, batch.slots)
         batch.stepped()
         return logits
-
-    def _between_layers(self, module, args) -> None:
-        call = getattr(self._between, "call", None)
-        if call is not None:
-            call()
 
     def _forward(self, ids, mask, positions, cache, slots) -> torch.Tensor:
         self.ctx.set(slots, self.device)
@@ -322,6 +304,12 @@ def split_by_length(lengths: list[int], forward_cost: int) -> list[list[int]]:
         groups.append(order[cut[j]:j])
         j = cut[j]
     return groups[::-1]
+
+
+def set_threads(threads: int) -> None:
+    """This thread's torch team size (0: leave it; torch's team size is per thread)."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def merge(batch: Batch | None, group: Group) -> Batch:
