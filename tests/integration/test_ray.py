@@ -33,7 +33,7 @@ def handle(adapter_dir, base_path):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(proxy_location="Disabled")
     app = build_app({"num_replicas": 2, "model": str(base_path), "adapter_dir": str(adapter_dir),
-                     "max_active_adapters": 2, "metrics_port": -1, "torch_threads": 1,
+                     "max_active_adapters": 2, "max_lora_rank": 64, "metrics_port": -1, "torch_threads": 1,
                      "ray_actor_options": {"num_cpus": 1}})
     yield serve.run(app, name="loramux", route_prefix=None)
     serve.shutdown()
