@@ -43,3 +43,22 @@ def test_mixed_batch_matches_peft(server, reference, adapter_store):
     m = server.metrics()
     assert m["loramux_batch_adapters_sum"] / m["loramux_batch_adapters_count"] > 1.0  # mixed batches happened
     assert m["loramux_batch_size_sum"] / m["loramux_batch_size_count"] > 2.0
+
+
+def test_long_prompts_in_pieces_match_peft_and_others_go_on(tmp_path, adapter_store, reference):
+    """A prompt longer than --max-prefill-tokens is prefilled a piece per engine turn, with
+    decode steps of the running rows between the pieces; its answer is still PEFT's."""
+    shutil.copytree(adapter_store["r16-all"], tmp_path / "adapters" / "r16-all")
+    srv = ServerProcess(tmp_path, "--adapter-dir", str(tmp_path / "adapters"), "--max-prefill-tokens", "16")
+    long_prompt = "Once upon a time, in a land far away, there lived a dragon who"  # 64 tokens: 4 pieces
+    try:
+        with srv.client() as client, ThreadPoolExecutor(3) as pool:
+            short = pool.submit(client.generate, "Hello world", "", max_new_tokens=40)
+            jobs = [pool.submit(client.generate, long_prompt, a, max_new_tokens=12) for a in ("", "r16-all")]
+            answers = [j.result() for j in jobs]
+            assert list(short.result().token_ids) == reference.generate("", "Hello world", 40)
+        for adapter_id, answer in zip(("", "r16-all"), answers, strict=True):
+            assert answer.prompt_tokens > 16 * 3
+            assert list(answer.token_ids) == reference.generate(adapter_id, long_prompt, 12), adapter_id
+    finally:
+        srv.stop()

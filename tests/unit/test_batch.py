@@ -177,3 +177,17 @@ def test_prefill_split_minimises_padding_plus_forwards(lengths, cost, groups):
     got = runner_mod.split_by_length(lengths, cost)
     assert got == groups
     assert sorted(i for g in got for i in g) == list(range(len(lengths)))
+
+
+def test_a_prompt_prefilled_in_pieces_goes_on_as_if_whole(runner):
+    prompt = ids(runner, b"a long prompt that the engine prefills in pieces of five tokens")
+    whole, steps = alone(runner, prompt, 4)
+    logits, group = runner.prefill([prompt[:5]], [-1])
+    for start in range(5, len(prompt), 5):
+        logits, group = runner.prefill_more(group, prompt[start:start + 5])
+    assert group.next_pos == [len(prompt)] and group.mask.shape == (1, len(prompt))
+    torch.testing.assert_close(logits[0], steps[0], atol=1e-4, rtol=1e-4)  # other matmul shapes: rounding
+    batch, tokens = merge(None, group), [int(logits.argmax(-1))]
+    for _ in range(3):
+        tokens.append(int(runner.decode(batch, tokens[-1:]).argmax(-1)))
+    assert tokens == whole

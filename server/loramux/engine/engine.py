@@ -91,6 +91,10 @@ class Engine:
         self._held: set[str] = set()  # adapters due to be parked that get no new rows meanwhile
         self._shelf: dict[str, tuple[list[Row], Group]] = {}  # parked rows by adapter
         self._prefilled: deque[tuple[list[Row], Group]] = deque()  # prefilled, not yet in the batch
+        # A prompt longer than one prefill's budget goes in pieces, one per turn, so that the
+        # running rows get a decode step between them: (its row, its KV so far).
+        self._piece = max_prefill_tokens or 512
+        self._partial: tuple[Row, Group | None] | None = None
         self._wake = threading.Event()  # new work (a request, a cancel, a freed slot)
         self._stop = False
         self._torch_threads = torch_threads  # torch's team size is per thread: the worker sets its own
@@ -270,7 +274,11 @@ class Engine:
 
     # --- admission and prefill -----------------------------------------------------------
     def _admit(self) -> bool:
-        """Take waiting requests into free rows and prefill them together; False if none."""
+        """Take waiting requests into free rows and prefill them together, or the next piece
+        of a long prompt; False if there was nothing to do."""
+        if self._partial is not None:
+            self._prefill_piece()
+            return True
         now = time.monotonic()
         with self._lock:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
@@ -287,7 +295,11 @@ class Engine:
             self._fail(req, DeadlineExceeded("deadline passed while queued") if req.expired(now) else None)
         rows = [row for row in (self._start_row(req) for req in picked) if row is not None]
         for part in self.runner.prefill_parts([len(row.req.prompt_ids) for row in rows]):
-            self._prefill([rows[i] for i in part])
+            if len(part) == 1 and len(rows[part[0]].req.prompt_ids) > self._piece and self._partial is None:
+                self._partial = (rows[part[0]], None)  # one long prompt: a piece now, more each turn
+                self._prefill_piece()
+            else:
+                self._prefill([rows[i] for i in part])
         return bool(picked)
 
     def _start_row(self, req: Request) -> Row | None:
@@ -311,6 +323,42 @@ class Engine:
             if any(r.req.inject_fault == "step" for r in rows):
                 raise faults.InjectedFault("injected fault in a prefill step")
             logits, group = self.runner.prefill([r.req.prompt_ids for r in rows], [r.slot for r in rows])
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._fail_prefilled(rows, exc)
+            return
+        self._first_tokens(rows, logits, group)
+
+    def _prefill_piece(self) -> None:
+        """The next piece of the long prompt in progress; its first token after the last."""
+        row, group = self._partial
+        req = row.req
+        if req.cancelled or req.expired(time.monotonic()):
+            self._partial = None
+            self._release(row)
+            self._fail(req, None if req.cancelled else DeadlineExceeded("deadline passed while prefilling"))
+            return
+        done = 0 if group is None else group.next_pos[0]
+        piece = req.prompt_ids[done:done + self._piece]
+        try:
+            if req.inject_fault == "step":
+                raise faults.InjectedFault("injected fault in a prefill step")
+            logits, group = (self.runner.prefill([piece], [row.slot]) if group is None
+                             else self.runner.prefill_more(group, piece))
+        except Exception as exc:
+            self._partial = None
+            log.exception("prefill failed")
+            self._fail_prefilled([row], exc)
+            return
+        if group.next_pos[0] < len(req.prompt_ids):
+            self._partial = (row, group)
+            return
+        self._partial = None
+        self._first_tokens([row], logits, group)
+
+    def _first_tokens(self, rows: list[Row], logits, group: Group) -> None:
+        """Sample and stream the first token of each prefilled row; queue them to join."""
+        try:
             tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
         except Exception as exc:
             log.exception("prefill failed")

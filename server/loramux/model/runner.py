@@ -270,6 +270,24 @@ class Runner:
         return logits, Group(kv, mask, [len(p) for p in prompts], list(slots))
 
     @torch.inference_mode()
+    def prefill_more(self, group: Group, chunk: list[int]) -> tuple[torch.Tensor, Group]:
+        """Go on prefilling one row's prompt: `chunk` after the tokens `group` already holds
+        (a long prompt in pieces, so that decode steps run between them)."""
+        if len(group.next_pos) != 1:
+            raise ValueError("prefill_more continues one row")
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(group.kv):
+            cache.update(k, v, i)
+        new = torch.ones((1, len(chunk)), dtype=torch.long, device=self.device)
+        mask = torch.cat([group.mask, new], dim=1)
+        start = group.next_pos[0]
+        positions = torch.arange(start, start + len(chunk), device=self.device).view(1, -1)
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        logits = self._forward(ids, mask, positions, cache, group.slots)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return logits, Group(kv, mask, [start + len(chunk)], list(group.slots))
+
+    @torch.inference_mode()
     def decode(self, batch: Batch, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row, extend the batch's cache; return logits [B, vocab]."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
