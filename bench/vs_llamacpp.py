@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32, help="loramux --max-batch-size")
     p.add_argument("--server-args", default="", help="more flags for the loramux server")
     p.add_argument("--llama-args", default="", help="more flags for llama-server")
+    p.add_argument("--llama-build", default="native", choices=["native", "avx2"],
+                   help="llama-server build: -march=native (llama.cpp's default) or AVX2 named explicitly")
     c.add_run_options(p)  # --model (one built from a GGUF file), --wait-quiet, --snapshot
     p.add_argument("--quick", action="store_true", help="smoke run: 8 requests, 8 clients, 2 adapters, "
                    "16 new tokens, one round")
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     if c.MODEL_NAME not in GGUF_MODELS:  # llama-server needs the GGUF file loramux's model comes from
         raise SystemExit(f"--model {c.MODEL_NAME}: vs_llamacpp runs only models built from a GGUF file "
                          f"({', '.join(GGUF_MODELS)})")
-    binary = llamacpp.ensure_server()
+    binary = llamacpp.ensure_server(build=args.llama_build)
     model_gguf = llamacpp.ensure_model_gguf(c.MODEL_NAME)
     base = c.bench_model()
     adapters = c.ensure_adapters(args.adapters, rank=args.rank, targets=ALL_TARGETS)
