@@ -164,3 +164,19 @@ def test_expired_requests_never_reach_the_device(server):
         # Admission (and so the device) never saw them: only the 4 busy rows were admitted meanwhile.
         assert server.metrics()["loramux_queue_wait_seconds_count"] == admitted_before
         assert server.metrics()["loramux_queue_depth"] == 0
+
+
+def test_a_long_prompt_cancelled_between_pieces_frees_its_row(tmp_path):
+    """A prompt prefilled in pieces whose deadline passes between two pieces ends with
+    DEADLINE_EXCEEDED and gives its row back: with one row, the next request must run."""
+    srv = ServerProcess(tmp_path, "--adapter-dir", str(tmp_path / "adapters"), "--max-prefill-tokens", "4",
+                        "--max-batch-size", "1")
+    try:
+        long_prompt = "Once upon a time, in a land far away, " * 8  # ~300 tokens: ~75 pieces of 4
+        with Client(srv.address, timeout=0.2) as hurried:
+            assert status_of(hurried.generate, long_prompt, max_new_tokens=4)[0] == S.DEADLINE_EXCEEDED
+        with srv.client(timeout=30) as c:
+            assert c.generate("Hello", max_new_tokens=5, ignore_eos=True).generated_tokens == 5
+        assert srv.metrics()["loramux_running_requests"] == 0
+    finally:
+        srv.stop()
