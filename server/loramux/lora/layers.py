@@ -93,7 +93,8 @@ class RowSlots(threading.local):
         order = sorted(rows_of, key=lambda s: -len(rows_of[s]))
         k = self._split(order, [len(rows_of[s]) * t for s in order])
         every_row = len(self._rows) == len(rows_of.get(order[0], ()))
-        direct = [(s, None if every_row else self._tokens(rows_of[s], t), self.ranks[s]) for s in order[:k]]
+        direct = [(s, None if every_row else self._tokens(rows_of[s], t).to(self._device), self.ranks[s])
+                  for s in order[:k]]
         plan = Plan(direct)
         if k < len(order):
             self._group(plan, {s: rows_of[s] for s in order[k:]}, t)
@@ -112,16 +113,18 @@ class RowSlots(threading.local):
                 best, best_k = cost, k
         return best_k
 
-    def _tokens(self, rows: list[int], t: int) -> torch.Tensor:
+    @staticmethod
+    def _tokens(rows: list[int], t: int) -> torch.Tensor:
+        """The flattened token indices of `rows` of `t` tokens each (on the CPU)."""
         idx = torch.tensor(rows, dtype=torch.long).view(-1, 1) * t + torch.arange(t)
-        return idx.view(-1).to(self._device)
+        return idx.view(-1)
 
     def _group(self, plan: Plan, rows_of: dict[int, list[int]], t: int) -> None:
         width = max(len(r) for r in rows_of.values()) * t
         gather = torch.zeros(len(self.ranks), width, dtype=torch.long)
         valid = torch.zeros(len(self.ranks), width, dtype=torch.bool)
         for s, rows in rows_of.items():
-            idx = self._tokens(rows, t).cpu()
+            idx = self._tokens(rows, t)
             gather[s, : len(idx)] = idx
             valid[s, : len(idx)] = True
         gather, valid = gather.view(-1), valid.view(-1)
