@@ -6,13 +6,14 @@
 (c) loramux: a real server (32 slots, batches of up to 32 rows), 32 streaming gRPC clients,
     run before and after PEFT and averaged (this VM's speed drifts during PEFT's long run).
 
-All three on the bench-30m model in 4-bit NF4 with float32 compute through the same
-bitsandbytes kernels (`honour_compute_dtype`). Throughput is generated tokens per second,
-counting each request's tokens up to its own max_new_tokens or EOS (what it asked for;
+All three on the served model (`--model`, default SmolLM2-135M-Instruct) in 4-bit NF4 with
+float32 compute through the same bitsandbytes kernels (`honour_compute_dtype`). Throughput is
+generated tokens per second, counting each request's tokens up to its own max_new_tokens or EOS (what it asked for;
 a static batch generates past that for its shorter rows, which is PEFT's loss).
 
     python -m bench.vs_peft                  # 32 adapters, 128 requests
     python -m bench.vs_peft --quick          # smoke run, under 2 minutes
+    python -m bench.vs_peft --dist uniform --requests 48   # issue 14's case: 32 distinct adapters
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ def report(results: dict[str, dict], answers: dict[str, list[list[int]]]) -> str
     text = c.table(["system", "tokens", "wall s", "tok/s", "busy cores"], rows, digits=1)
     lx = results.get("loramux", {}).get("tokens_per_s")
     if lx:
-        for key, target in (("a", 10.0), ("b", 1.5)):
+        for key, target in (("a", 10.0), ("b", 2.0)):  # issue 14's targets
             if key in results:
                 r = c.ratio(lx, results[key]["tokens_per_s"])
                 verdict = "meets" if r >= target else "BELOW"
