@@ -12,6 +12,9 @@ streaming clients (HTTP server-sent events for llama-server, gRPC for loramux).
 Three scenarios on each server: the bare base, one adapter for every request, and N adapters
 (request i -> adapter i % N). Only one server runs at a time; `--rounds` alternates them
 (llama.cpp, loramux, llama.cpp, loramux) so that the machine's drift weighs on both.
+`--quantizations nf4,none` (the default) also runs loramux on the float32 base each round:
+the 4-bit tax. `--peft-check N` generates the first N requests of each scenario with PEFT
+(one at a time, in-process, after the rounds) and counts loramux's answers equal to them.
 
     python -m bench.vs_llamacpp              # 96 requests, 32 clients, 32 adapters, 2 rounds
     python -m bench.vs_llamacpp --quick      # smoke run: 8 requests, 8 clients, 2 adapters
@@ -36,7 +39,10 @@ from bench import common as c  # noqa: E402
 from bench import llamacpp  # noqa: E402
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SERVERS = ("llama.cpp", "loramux")
+
+
+def loramux_name(quantization: str) -> str:
+    return "loramux" if quantization == "nf4" else f"loramux {quantization}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=None, help="loramux device slots (default: max(adapters, clients))")
     p.add_argument("--max-batch-size", type=int, default=32, help="loramux --max-batch-size")
     p.add_argument("--server-args", default="", help="more flags for the loramux server")
+    p.add_argument("--quantizations", default="nf4,none",
+                   help="loramux servers to run each round, by --quantization (nf4 first: the one compared)")
+    p.add_argument("--peft-check", type=int, default=4,
+                   help="requests per scenario whose loramux (nf4) answers are checked against PEFT (0: none)")
     p.add_argument("--llama-args", default="", help="more flags for llama-server")
     p.add_argument("--llama-build", default="native", choices=["native", "avx2"],
                    help="llama-server build: -march=native (llama.cpp's default) or AVX2 named explicitly")
@@ -64,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.clients, args.adapters, args.new_tokens, args.rounds = 8, 8, 2, 16, 1
+        args.quantizations, args.peft_check = "nf4", 1
+    args.quantizations = [q.strip() for q in args.quantizations.split(",") if q.strip()]
+    args.servers = ["llama.cpp", *map(loramux_name, args.quantizations)]
     args.slots = args.slots or max(args.adapters, args.clients)
     return args
 
@@ -116,10 +129,14 @@ def main(argv=None) -> int:
     for r in range(1, args.rounds + 1):
         runs += run_llamacpp(args, binary, model_gguf, loras, requests, plan, work / f"llamacpp-{r}", r, checks,
                              tokenizer)
-        runs += run_loramux(args, adapters, requests, plan, work / f"loramux-{r}", r)
+        for q in args.quantizations:
+            runs += run_loramux(args, adapters, requests, plan, work / f"{loramux_name(q).replace(' ', '-')}-{r}", r,
+                                q)
 
-    rows = summarize(runs, plan)
-    parity = compare(runs, plan, tokenizer)
+    rows = summarize(runs, plan, args.servers)
+    parity = compare(runs, plan, tokenizer, args.servers)
+    if args.peft_check:
+        parity["peft"] = check_peft(runs, plan, requests, adapters, args.peft_check)
     print()
     print(report(rows, runs, plan, parity, checks, args))
     data = {"args": vars(args), "model_gguf": model_gguf, "llama_server": binary, "checks": checks,
@@ -208,10 +225,11 @@ def _llama_stats(before: dict[str, float], after: dict[str, float]) -> dict:
     return {"decode_calls": calls, "busy_slots_per_call": c.ratio(busy, calls)}
 
 
-def run_loramux(args, adapters: dict[str, Path], requests: dict, plan: dict, work: Path, round_no: int) -> list[dict]:
+def run_loramux(args, adapters: dict[str, Path], requests: dict, plan: dict, work: Path, round_no: int,
+                quantization: str = "nf4") -> list[dict]:
     """One loramux server with every adapter registered, every scenario on it."""
     srv = c.start_server(work, adapters, slots=args.slots, max_batch=args.max_batch_size, max_rank=args.rank,
-                         extra=tuple(shlex.split(args.server_args)))
+                         extra=("--quantization", quantization, *shlex.split(args.server_args)))
     try:
         c.warm_up(srv.address)
         out = []
@@ -220,7 +238,8 @@ def run_loramux(args, adapters: dict[str, Path], requests: dict, plan: dict, wor
             before = c.server_counters(srv)
             res = c.run_load(srv.address, requests[key], concurrency=args.clients, server_pid=srv.proc.pid)
             stats = c.server_stats(before, c.server_counters(srv))
-            out.append(_record("loramux", key, label, round_no, res, {"decode_calls": stats["decode_steps"], **stats}))
+            out.append(_record(loramux_name(quantization), key, label, round_no, res,
+                               {"decode_calls": stats["decode_steps"], **stats}))
     finally:
         srv.stop()
     return out
@@ -240,11 +259,11 @@ def _record(server: str, key: str, label: str, round_no: int, res: c.LoadResult,
 
 
 # --- figures -----------------------------------------------------------------------------
-def summarize(runs: list[dict], plan: dict) -> list[dict]:
+def summarize(runs: list[dict], plan: dict, servers: list[str]) -> list[dict]:
     """One row per (scenario, server): means over the rounds, each round's tok/s kept."""
     rows = []
     for key, (label, _) in plan.items():
-        for server in SERVERS:
+        for server in servers:
             mine = [r for r in runs if r["scenario"] == key and r["server"] == server]
             if not mine:
                 continue
@@ -258,7 +277,7 @@ def summarize(runs: list[dict], plan: dict) -> list[dict]:
     return rows
 
 
-def compare(runs: list[dict], plan: dict, tokenizer) -> dict:
+def compare(runs: list[dict], plan: dict, tokenizer, servers: list[str]) -> dict:
     """Greedy answers of round 1: loramux against llama.cpp per scenario (they differ: Q4_1
     against NF4 of its float weights), and each adapter scenario against the bare base on the
     same server (an adapter that did not load would answer like the base)."""
@@ -269,12 +288,24 @@ def compare(runs: list[dict], plan: dict, tokenizer) -> dict:
         a, b = first.get(("loramux", key)), first.get(("llama.cpp", key))
         if a and b:
             out["servers"][key] = _agreement(a, b, eos)
-    for server in SERVERS:
+    for server in servers:
         for key in plan:
             if key != "base" and (server, "base") in first and (server, key) in first:
                 base, other = first[(server, "base")], first[(server, key)]
                 out["vs_base"][f"{server} {key}"] = sum(x != y for x, y in zip(other, base, strict=True)) / len(base)
     return out
+
+
+def check_peft(runs: list[dict], plan: dict, requests: dict, adapters: dict[str, Path], n: int) -> dict:
+    """PEFT's greedy answers to the first `n` requests of each scenario against loramux's
+    (nf4, round 1): the correctness oracle, in every run."""
+    from bench import peft_ref
+
+    first = {r["scenario"]: r["answers"] for r in runs if r["server"] == "loramux" and r["round"] == 1}
+    print(f"PEFT check: {n} requests per scenario, one at a time", flush=True)
+    model, tokenizer = peft_ref.load_peft(c.bench_model(), adapters)
+    return {key: peft_ref.parity(model, tokenizer, requests[key][:n], first[key][:n])
+            for key in plan if key in first}
 
 
 def _agreement(a: list[list[int]], b: list[list[int]], eos: int) -> dict:
@@ -307,7 +338,7 @@ def report(rows: list[dict], runs: list[dict], plan: dict, parity: dict, checks:
                          f"{c.ratio(lx['tokens_per_s'], ll['tokens_per_s']):.2f}x, "
                          f"TTFT p50 {c.ratio(lx['ttft_p50_ms'], ll['ttft_p50_ms']):.2f}x")
     many = plan.get("many", ("N adapters",))[0]
-    for server in SERVERS:
+    for server in args.servers:
         base, one, n = by.get(("base", server)), by.get(("one", server)), by.get(("many", server))
         parts = []
         if base and one:
@@ -316,6 +347,13 @@ def report(rows: list[dict], runs: list[dict], plan: dict, parity: dict, checks:
             parts.append(f"{many} / 1 adapter {c.ratio(n['tokens_per_s'], one['tokens_per_s']):.2f}x")
         if parts:
             lines.append(f"{server:>12}: tok/s " + ", ".join(parts))
+    for q in args.quantizations[1:]:
+        pairs = [(label, by.get((key, "loramux")), by.get((key, loramux_name(q)))) for key, (label, _) in plan.items()]
+        ratios = [f"{label} {c.ratio(a['tokens_per_s'], b['tokens_per_s']):.2f}x" for label, a, b in pairs if a and b]
+        lines.append(f"loramux nf4 / {q} tok/s: " + ", ".join(ratios))
+    for key, got in parity.get("peft", {}).items():
+        lines.append(f"greedy answers, loramux vs PEFT, {plan[key][0]}: {got['identical']}/{got['checked']} "
+                     "identical (up to the first EOS)")
     evaluated = [r for r in runs if "prompt_n_equal" in r]
     if evaluated:
         lines.append(f"llama-server evaluated as many prompt tokens as the HF tokenizer counts in "
