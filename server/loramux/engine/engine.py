@@ -1,7 +1,8 @@
 """The step loop: admit, prefill, decode, stream, on one worker thread.
 
 Each turn of the loop admits waiting requests into free rows (at most
-`--max-prefill-tokens` of prompt per turn), prefills them together, streams their first
+`--max-prefill-tokens` of prompt per turn while rows are decoding; every waiting prompt
+when none is), prefills them together, streams their first
 tokens and merges them into the running batch, then decodes one token for every row:
 continuous batching. Prefill goes first, so a wave of requests fills the batch within a
 few turns and every decode step runs as many rows as there are requests (on a 2-core CPU,
@@ -283,8 +284,12 @@ class Engine:
         with self._lock:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
             free = self.max_batch_size - self._admitted.total()
+            # The prompt budget protects running rows from a long stall; with none running,
+            # every waiting prompt is prefilled now (a wave of arrivals gets its first tokens
+            # one prefill part after another, not one turn of 512 tokens after another).
+            budget = self.max_prefill_tokens if self.rows or self._prefilled else None
             picked = (self.scheduler.pick(free, self._admitted - self._parked_rows, self.slots.num_slots,
-                                          self.max_prefill_tokens, parked=self._parked, now=now, held=self._held)
+                                          budget, parked=self._parked, now=now, held=self._held)
                       if free > 0 else [])
             self._admitted.update(r.adapter_id for r in picked)
             for r in picked:
