@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.clients, args.adapters, args.new_tokens, args.rounds = 8, 8, 2, 16, 1
-        args.quantizations, args.peft_check = "nf4", 1
+        args.peft_check = 1
     args.quantizations = [q.strip() for q in args.quantizations.split(",") if q.strip()]
     args.servers = ["llama.cpp", *map(loramux_name, args.quantizations)]
     args.slots = args.slots or max(args.adapters, args.clients)
