@@ -20,6 +20,7 @@ from loramux.engine.engine import Engine
 from loramux.engine.watcher import AdapterDirWatcher
 from loramux.lora import registry_file
 from loramux.lora.layers import slot_memory
+from loramux.lora.peft_rules import describe_base
 from loramux.lora.slots import AdapterSlots
 from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
@@ -55,7 +56,7 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
              slot_memory(runner.layers)[1] / 2**20)
     cfg.adapter_dir.mkdir(parents=True, exist_ok=True)
     store = AdapterStore(runner.layer_shapes, cfg.adapter_roots, cfg.max_lora_rank,
-                         cfg.max_adapter_bytes, dtype)
+                         cfg.max_adapter_bytes, dtype, base=describe_base(runner.model, runner.layers))
     slots = AdapterSlots(store, runner.layers, cfg.max_active_adapters, cfg.host_cache_bytes, metrics)
     return Engine(runner, store, slots, metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_model_len,
                   registry_path=cfg.adapter_dir / registry_file.FILE_NAME, log_requests=cfg.log_requests,

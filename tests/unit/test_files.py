@@ -59,8 +59,8 @@ def test_pickled_weights_refused(tmp_path):
 
 
 @pytest.mark.parametrize("config,match", [
-    ("[1, 2]", "object"), ("{", "JSON"), ('{"peft_type": "IA3"}', "LORA"),
-    ('{"r": -1}', "positive"), ('{"bias": "all"}', "bias"), ('{"modules_to_save": ["lm_head"]}', "modules_to_save"),
+    ("[1, 2]", "object"), ("{", "JSON"), ('{"peft_type": "IA3"}', "LORA"), ('{"r": 8}', "peft_type is missing"),
+    ('{"peft_type": "lora"}', "'lora'"),
 ])
 def test_bad_configs(tmp_path, config, match):
     (tmp_path / "adapter_config.json").write_text(config)
@@ -77,8 +77,7 @@ def test_tensor_names_grouped_and_checked(tmp_path):
         files.group_by_module(names[:1], tmp_path)
     with pytest.raises(InvalidArgument, match="unsupported"):
         files.group_by_module(["base_model.model.lm_head.weight"], tmp_path)
-
-
-def test_pattern_value():
-    assert files.pattern_value({"q_proj": 32}, "model.layers.0.self_attn.q_proj", 8) == 32
-    assert files.pattern_value({"q_proj": 32}, "model.layers.0.self_attn.v_proj", 8) == 8
+    with pytest.raises(InvalidArgument, match="unsupported"):  # PEFT would not load it: no prefix
+        files.group_by_module([n.removeprefix("base_model.model.") for n in names], tmp_path)
+    with pytest.raises(InvalidArgument, match="two lora_A"):
+        files.group_by_module([*names, names[0].replace("lora_A.", "lora_A.default.")], tmp_path)

@@ -29,7 +29,8 @@ class Toy(nn.Module):
 
 def write_adapter(folder: Path, rank: int, value: float) -> Path:
     folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text(f'{{"peft_type": "LORA", "r": {rank}, "lora_alpha": {rank}}}')
+    (folder / "adapter_config.json").write_text(
+        f'{{"peft_type": "LORA", "r": {rank}, "lora_alpha": {rank}, "target_modules": ["layers.0"]}}')
     save_file({"base_model.model.layers.0.lora_A.weight": torch.full((rank, IN), value),
                "base_model.model.layers.0.lora_B.weight": torch.full((OUT, rank), 1.0)},
               str(folder / "adapter_model.safetensors"))

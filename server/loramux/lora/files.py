@@ -20,36 +20,29 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_HEADER_BYTES = 16 << 20
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-_UNSUPPORTED_CONFIG = {
-    "use_dora": "DoRA adapters are not supported",
-    "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
-    "fan_in_fan_out": "fan_in_fan_out adapters (Conv1D bases) are not supported",
-}
+# The names PEFT saves (`base_model.model.<module>.lora_A.weight`), and the same with the
+# adapter name `default` left in, which PeftModel.from_pretrained loads too (its default
+# adapter name makes the key its own). Any other name is a key PEFT would not load.
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
 
 def read_config(folder: Path) -> dict:
-    """Parse and check adapter_config.json; raise InvalidArgument saying what to fix."""
+    """Parse adapter_config.json into a dict; raise InvalidArgument saying what to fix.
+    Its fields are read as PEFT reads them in `peft_rules`."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise InvalidArgument(f"{folder}: missing {CONFIG_FILE} (a PEFT adapter folder needs it)")
     try:
         config = json.loads(path.read_bytes()[: 1 << 20])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise InvalidArgument(f"{path}: expected a JSON object")
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise InvalidArgument(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA is served")
-    for key, why in _UNSUPPORTED_CONFIG.items():
-        if config.get(key):
-            raise InvalidArgument(f"{path}: {why}")
-    if config.get("bias", "none") != "none":
-        raise InvalidArgument(f"{path}: bias={config.get('bias')!r} is not supported; train with bias='none'")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key, 8)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise InvalidArgument(f"{path}: {key} must be a positive number, got {value!r}")
+    # PEFT picks the config class by this exact string (PEFT_TYPE_TO_CONFIG_MAPPING) and
+    # refuses a folder without it.
+    if config.get("peft_type") != "LORA":
+        got = repr(config["peft_type"])[:40] if "peft_type" in config else "missing"
+        raise InvalidArgument(f"{path}: peft_type is {got}; only \"LORA\" adapters are served")
     return config
 
 
@@ -109,19 +102,17 @@ def group_by_module(names: list[str], path: Path) -> dict[str, dict[str, str]]:
     for name in names:
         m = _KEY.match(name)
         if not m:
-            raise InvalidArgument(f"{path}: unsupported tensor {name!r} (only lora_A/lora_B weights)")
-        modules.setdefault(m["module"], {})[m["ab"]] = name
+            raise InvalidArgument(
+                f"{path}: unsupported tensor {name[:200]!r}: loramux serves only PEFT's "
+                "base_model.model.<module>.lora_A.weight / lora_B.weight"
+            )
+        pair = modules.setdefault(m["module"], {})
+        if m["ab"] in pair:
+            raise InvalidArgument(f"{path}: {m['module']} has two lora_{m['ab']} tensors")
+        pair[m["ab"]] = name
     for module, pair in modules.items():
         if set(pair) != {"A", "B"}:
             raise InvalidArgument(f"{path}: module {module} has lora_{set(pair).pop()} without its pair")
     if not modules:
         raise InvalidArgument(f"{path}: no LoRA tensors found")
     return modules
-
-
-def pattern_value(patterns: dict, module: str, default: float) -> float:
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name's tail."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return value
-    return default

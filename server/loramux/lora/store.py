@@ -6,7 +6,6 @@ shapes, rank), so a bad adapter is refused here and never discovered at request 
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import threading
@@ -17,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from loramux.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
-from loramux.lora import files
+from loramux.lora import files, peft_rules
+from loramux.lora.peft_rules import BaseModules
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
 
@@ -50,6 +50,10 @@ class AdapterWeights:
         return sum(a.nbytes + b.nbytes for a, b, _ in self.layers.values())
 
 
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
 def check_adapter_id(adapter_id: str) -> None:
     if not ADAPTER_ID.match(adapter_id) or ".." in adapter_id:
         raise InvalidArgument(
@@ -62,8 +66,10 @@ class AdapterStore:
     """Owns the id -> record map; validates against the base model's layer shapes."""
 
     def __init__(self, layer_shapes: dict[str, tuple[int, int]], roots: tuple[Path, ...],
-                 max_rank: int, max_bytes: int, dtype: torch.dtype) -> None:
+                 max_rank: int, max_bytes: int, dtype: torch.dtype, base: BaseModules | None = None) -> None:
         self.layer_shapes = layer_shapes  # module name -> (in_features, out_features)
+        # The whole base as PEFT's matching sees it; without it, only the served layers.
+        self.base = base or BaseModules.from_layers(layer_shapes)
         self.roots = roots
         self.max_rank = max_rank
         self.max_bytes = max_bytes
@@ -83,46 +89,76 @@ class AdapterStore:
         raise PermissionDenied(f"path {path!r} is outside the allowed adapter roots ({allowed})")
 
     def inspect(self, adapter_id: str, folder: Path, source: str) -> AdapterRecord:
-        """Validate an adapter folder without registering it."""
+        """Validate an adapter folder without registering it: accept it only where PEFT would
+        load it onto this base with no missing, unexpected or mis-sized key."""
         check_adapter_id(adapter_id)
         if not folder.is_dir():
             raise InvalidArgument(f"{folder}: not a folder")
-        config = files.read_config(folder)
+        cpath = folder / files.CONFIG_FILE
+        config = peft_rules.parse_config(files.read_config(folder), cpath)
+        alpha = peft_rules.check_alpha(config.lora_alpha, "lora_alpha", cpath)
         wpath = files.weights_path(folder)
         header = files.read_safetensors_header(wpath, self.max_bytes)
         modules = files.group_by_module(list(header), wpath)
+        for module in modules:
+            self._check_module(module, wpath)
+        self._check_targets(config, set(modules), cpath)
         scalings, ranks = {}, []
         for module, pair in modules.items():
-            rank = self._check_shapes(module, header[pair["A"]][1], header[pair["B"]][1], wpath)
-            alpha = files.pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
-            scale = math.sqrt(rank) if config.get("use_rslora") else rank
-            scalings[module] = float(alpha) / scale
+            a, b = header[pair["A"]][1], header[pair["B"]][1]
+            self._check_shapes(module, a, b, wpath)
+            rank = peft_rules.module_rank(config, module, a, b, cpath)
+            if rank > self.max_rank:
+                raise InvalidArgument(f"{wpath}: rank {rank} at {module} exceeds --max-lora-rank {self.max_rank}")
+            scalings[module] = peft_rules.module_scaling(config, module, rank, cpath)
             ranks.append(rank)
         stat = wpath.stat()
         return AdapterRecord(
-            adapter_id=adapter_id, path=folder, rank=max(ranks),
-            alpha=float(config.get("lora_alpha", 8)),
+            adapter_id=adapter_id, path=folder, rank=max(ranks), alpha=alpha,
             target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in modules})),
-            size_bytes=stat.st_size + (folder / files.CONFIG_FILE).stat().st_size,
+            size_bytes=stat.st_size + cpath.stat().st_size,
             source=source, scalings=scalings, tensor_names=modules,
             signature=(stat.st_size, stat.st_mtime_ns),
         )
 
-    def _check_shapes(self, module: str, a: list[int], b: list[int], path: Path) -> int:
-        if module not in self.layer_shapes:
+    def _check_module(self, module: str, path: Path) -> None:
+        kind = self.base.kinds.get(module)
+        if kind is None:
             raise InvalidArgument(
-                f"{path}: targets {module}, which the base model does not have (or is not a "
-                "linear layer of its decoder blocks)"
+                f"{path}: targets {module}, which the base model does not have (was it trained on another base?)"
             )
+        if kind != peft_rules.SERVED:
+            raise InvalidArgument(
+                f"{path}: LoRA on {module} ({kind}) is {peft_rules.UNSUPPORTED}: only the linear layers "
+                "of the decoder blocks are served"
+            )
+
+    def _check_targets(self, config, modules: set[str], path: Path) -> None:
+        """Both directions, as PEFT's load reports them: a targeted module without tensors is
+        a missing key, tensors of a module the config does not target are unexpected keys."""
+        targeted = peft_rules.targeted_modules(config, self.base, path)
+        for module in targeted:
+            if module not in modules:
+                self._check_module(module, path)  # lm_head, embeddings: unsupported, whatever the tensors
+        what = f"target_modules={peft_rules.short(config.target_modules)}"
+        if extra := sorted(modules - set(targeted)):
+            raise InvalidArgument(
+                f"{path}: {what} does not select {extra[0]} (with the layers_to_transform, layers_pattern and "
+                f"exclude_modules set), but the weights hold tensors for it{_more(extra)}; PEFT finds them unexpected"
+            )
+        if missing := [m for m in targeted if m not in modules]:
+            raise InvalidArgument(
+                f"{path}: {what} selects {missing[0]}, but the weights hold no lora_A/lora_B for it"
+                f"{_more(missing)}; PEFT finds them missing"
+            )
+
+    def _check_shapes(self, module: str, a: list[int], b: list[int], path: Path) -> None:
         fan_in, fan_out = self.layer_shapes[module]
-        if len(a) != 2 or len(b) != 2 or a[1] != fan_in or b[0] != fan_out or a[0] != b[1]:
+        if len(a) != 2 or len(b) != 2 or a[1] != fan_in or b[0] != fan_out:
             raise InvalidArgument(
                 f"{path}: {module} has lora_A {a} and lora_B {b}; the base layer needs "
                 f"[r, {fan_in}] and [{fan_out}, r]. Was it trained on another base model?"
             )
-        if not 1 <= a[0] <= self.max_rank:
-            raise InvalidArgument(f"{path}: rank {a[0]} at {module} exceeds --max-lora-rank {self.max_rank}")
-        return a[0]
 
     def add(self, record: AdapterRecord) -> AdapterRecord:
         with self._lock:
