@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
+
+
+def load_base(base_path: Path, quantization: str = "nf4"):
+    """The base as the server loads it (same 4-bit compute path), and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loramux.model.loader import honour_compute_dtype, quantization_config
+
+    dtype = torch.float32
+    base = AutoModelForCausalLM.from_pretrained(
+        str(base_path), dtype=dtype, device_map={"": "cpu"},
+        quantization_config=quantization_config(quantization, dtype))
+    base.eval()
+    honour_compute_dtype(base, dtype)
+    return base, AutoTokenizer.from_pretrained(str(base_path))
+
+
+@torch.inference_mode()
+def greedy(model, tokenizer, prompt: str, max_new_tokens: int, min_new_tokens: int = 0) -> list[int]:
+    """Greedy tokens after `prompt`; `min_new_tokens` forbids EOS until then."""
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         min_new_tokens=min_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
 
 
 class PeftReference:
@@ -12,17 +37,8 @@ class PeftReference:
 
     def __init__(self, base_path: Path, adapters: dict[str, Path], quantization: str = "nf4") -> None:
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from loramux.model.loader import honour_compute_dtype, quantization_config
-
-        dtype = torch.float32
-        base = AutoModelForCausalLM.from_pretrained(
-            str(base_path), dtype=dtype, device_map={"": "cpu"},
-            quantization_config=quantization_config(quantization, dtype))
-        base.eval()
-        honour_compute_dtype(base, dtype)  # the same 4-bit compute path the server uses
-        self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+        base, self.tokenizer = load_base(base_path, quantization)
         names = list(adapters)
         self.model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
         for name in names[1:]:
@@ -30,20 +46,42 @@ class PeftReference:
         self.model.eval()
         self._memo: dict[tuple, list[int]] = {}
 
-    @torch.inference_mode()
     def generate(self, adapter_id: str, prompt: str, max_new_tokens: int, min_new_tokens: int = 0) -> list[int]:
         """Greedy tokens; `min_new_tokens` forbids EOS until then (a fixed amount of work)."""
         key = (adapter_id, prompt, max_new_tokens, min_new_tokens)
         if key not in self._memo:
-            ids = torch.tensor([self.tokenizer(prompt).input_ids])
-            kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                      "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": False,
-                      "pad_token_id": self.tokenizer.pad_token_id}
             if adapter_id:
                 self.model.set_adapter(adapter_id)
-                out = self.model.generate(**kwargs)
+                self._memo[key] = greedy(self.model, self.tokenizer, prompt, max_new_tokens, min_new_tokens)
             else:
                 with self.model.disable_adapter():
-                    out = self.model.generate(**kwargs)
-            self._memo[key] = out[0, ids.shape[1]:].tolist()
+                    self._memo[key] = greedy(self.model, self.tokenizer, prompt, max_new_tokens, min_new_tokens)
         return self._memo[key]
+
+
+class PeftLoader:
+    """PEFT's verdict on an adapter folder: loaded as `PeftModel.from_pretrained(base, folder)`
+    loads it, onto a fresh copy of the base, with the missing and unexpected keys that call
+    only warns about (or keeps quiet about) counted as a refusal."""
+
+    def __init__(self, base_path: Path) -> None:
+        self.base, self.tokenizer = load_base(base_path)
+
+    def load(self, folder: Path):
+        """(the PeftModel, "") if PEFT loads the folder cleanly, else (None, why not)."""
+        from peft import PeftConfig, PeftModel
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        base = copy.deepcopy(self.base)  # a failed injection leaves the model half-wrapped
+        try:
+            # The steps of PeftModel.from_pretrained, which returns no load result.
+            config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(folder))].from_pretrained(str(folder))
+            config.inference_mode = True
+            model = PeftModel(base, config)
+            result = model.load_adapter(str(folder), "default")
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        if result.missing_keys or result.unexpected_keys:
+            return None, f"missing keys {result.missing_keys[:2]}, unexpected keys {result.unexpected_keys[:2]}"
+        model.eval()
+        return model, ""
