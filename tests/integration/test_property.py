@@ -1,10 +1,14 @@
 """Property: whatever requests and adapter folders are thrown at it, the server answers
-with a documented status and keeps serving right."""
+with a documented status and keeps serving right; degenerate text is answered or refused
+with INVALID_ARGUMENT at submit, never INTERNAL."""
 
 from __future__ import annotations
 
 import json
+import operator
+import re
 import shutil
+import string
 import struct
 
 import grpc
@@ -20,6 +24,7 @@ GENERATE_STATUSES = {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.RESOURCE_EXHAUSTED
 REGISTER_STATUSES = {S.OK, S.INVALID_ARGUMENT, S.ALREADY_EXISTS, S.PERMISSION_DENIED, S.NOT_FOUND}
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
+LIMIT = 256  # the server's --max-model-len: a prompt may have LIMIT - 1 tokens
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +32,7 @@ def server(tmp_path_factory, adapter_store):
     work = tmp_path_factory.mktemp("property")
     shutil.copytree(adapter_store["r4-qv"], work / "adapters" / "good")
     srv = ServerProcess(work, "--adapter-dir", str(work / "adapters"), "--adapter-scan-interval", "0",
-                        "--max-new-tokens-limit", "64", "--max-model-len", "256")
+                        "--max-new-tokens-limit", "64", "--max-model-len", str(LIMIT))
     srv.work = work
     yield srv
     srv.stop()
@@ -98,6 +103,110 @@ def test_random_adapter_folders(server, config, header, tail, header_len):
         assert code in REGISTER_STATUSES
         if code == S.OK:
             c.unregister("random")
+
+
+# --- degenerate text: answered, or INVALID_ARGUMENT with a reason; never INTERNAL ----------
+
+SPECIALS = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+WHITESPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u200a\u2028\u2029\u202f\u3000\ufeff"
+
+
+def surrogates_replaced(text: str) -> str:
+    """What a client must send instead of lone surrogates (protobuf strings are UTF-8)."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
+degenerate = st.one_of(
+    st.just(""),
+    st.text(alphabet=WHITESPACE, min_size=1, max_size=300),
+    st.text(alphabet=st.characters(categories=["Cc", "Cf", "Zl", "Zp"]), min_size=1, max_size=300),
+    st.text(alphabet=st.characters(categories=["Cs", "Co", "Cn"]), min_size=1, max_size=100).map(surrogates_replaced),
+    st.lists(st.sampled_from(SPECIALS), min_size=1, max_size=40).map("".join),
+    st.builds(operator.mul, st.characters(exclude_categories=["Cs"]), st.integers(100, 3000)),  # one long "word"
+    st.text(alphabet=string.ascii_letters + string.digits, min_size=200, max_size=3000),
+    st.integers(-3, 3).map(lambda d: "w" * (LIMIT - 2 + d)),  # around the length limit
+)
+
+
+def answered_or_refused(call, req) -> str:
+    """"" when answered; the reason when refused with INVALID_ARGUMENT; fails on anything else."""
+    try:
+        response = call(req, timeout=60)
+        if not isinstance(response, pb.GenerateResponse):
+            list(response)  # a stream: read it to its end (an error may come after messages)
+    except grpc.RpcError as err:
+        assert err.code() == S.INVALID_ARGUMENT, (err.code(), err.details())
+        assert err.details() and "Traceback" not in err.details()
+        return err.details()
+    return ""
+
+
+def calls(server):
+    ch = grpc.insecure_channel(server.address)
+    unary = ch.unary_unary("/loramux.v1.Generation/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
+                           response_deserializer=pb.GenerateResponse.FromString)
+    stream = ch.unary_stream("/loramux.v1.Generation/GenerateStream",
+                             request_serializer=pb.GenerateRequest.SerializeToString,
+                             response_deserializer=pb.GenerateStreamResponse.FromString)
+    return ch, unary, stream
+
+
+@SETTINGS
+@given(text=degenerate, new=st.integers(1, 64), adapter=st.sampled_from(["", "good"]), stream=st.booleans(),
+       as_chat=st.booleans())
+def test_degenerate_text(server, text, new, adapter, stream, as_chat):
+    req = pb.GenerateRequest(adapter_id=adapter, params=pb.SamplingParams(max_new_tokens=new))
+    if as_chat:
+        req.messages.append(pb.ChatMessage(role="user", content=text))
+    else:
+        req.prompt = text
+    ch, unary, streaming = calls(server)
+    with ch:
+        why = answered_or_refused(streaming if stream else unary, req)
+    if not text and not as_chat:
+        assert "empty" in why
+    elif why:
+        assert "tokens" in why, why  # the only refusal of a non-empty text here: too long
+
+
+@SETTINGS
+@given(extra=st.integers(-4, 4), char=st.sampled_from(["a", "\u00e9", "\u20ac", "\U0001f600", "\x00"]),
+       new=st.integers(1, 64))
+def test_prompts_at_the_length_limit(server, extra, char, new):
+    # tiny's tokenizer: BOS, then a token per UTF-8 byte
+    prompt = char * ((LIMIT - 2 + extra) // len(char.encode()))
+    tokens = 1 + len(prompt.encode())
+    ch, unary, _ = calls(server)
+    with ch:
+        why = answered_or_refused(unary, pb.GenerateRequest(prompt=prompt,
+                                                            params=pb.SamplingParams(max_new_tokens=new)))
+        if tokens <= LIMIT - 1:
+            assert not why
+        else:
+            assert f"prompt is {tokens} tokens" in why and f"at most {LIMIT - 1}" in why
+
+
+def test_text_the_tokenizer_drops_entirely(tmp_path, base_path):
+    """A model whose tokenizer strips whitespace and adds no BOS turns "  " into no token:
+    refused at submit, not a failed model step."""
+    folder = tmp_path / "stripping"
+    shutil.copytree(base_path, folder)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["normalizer"] = {"type": "Strip", "strip_left": True, "strip_right": True}
+    tok["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    srv = ServerProcess(tmp_path / "work", "--model", str(folder), "--adapter-dir", str(tmp_path / "adapters"),
+                        "--adapter-scan-interval", "0")
+    try:
+        ch, unary, stream = calls(srv)
+        with ch:
+            for call in (unary, stream):
+                for text in (" ", "\n\t \r\n"):
+                    why = answered_or_refused(call, pb.GenerateRequest(prompt=text))
+                    assert "empty once tokenized" in why
+            assert not answered_or_refused(unary, pb.GenerateRequest(prompt=" hi "))
+    finally:
+        srv.stop()
 
 
 def test_still_serving_after_the_storm(server, reference):
