@@ -246,6 +246,7 @@ def test_other_tensors_are_refused(store, tmp_path):
     {"fan_in_fan_out": True}, {"bias": "all"}, {"bias": "lora_only"}, {"lora_dropout": 0.3},
     {"init_lora_weights": "gaussian"}, {"modules_to_save": []}, {"modules_to_save": None},
     {"task_type": "CAUSAL_LM", "inference_mode": False, "base_model_name_or_path": "x"}, {"some_future_field": 1},
+    {"ensure_weight_tying": True},
 ])
 def test_fields_without_effect_on_the_forward_are_accepted(store, tmp_path, config):
     assert inspect(store, tmp_path, config, dict.fromkeys(QV, 8))

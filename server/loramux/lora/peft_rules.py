@@ -40,6 +40,7 @@ _NO_EFFECT = {
     "fan_in_fan_out",  # PEFT resets it to False on nn.Linear, the only layers served
     "megatron_core", "qalora_group_size",  # read only with megatron_config / use_qalora
     "loftq_config", "eva_config", "corda_config", "lora_ga_config",  # initialisation only; weights are loaded
+    "ensure_weight_tying",  # ties embedding/LM-head adapters, which are refused as targets anyway
 }
 _VARIANT_NAMES = {"use_dora": "DoRA (use_dora)", "modules_to_save": "modules_to_save (fully trained extra modules)",
                   "lora_bias": "lora_bias (a bias on lora_B)", "target_parameters": "target_parameters (LoRA on "
@@ -123,7 +124,7 @@ def targeted_modules(config: LoraConfig, base: BaseModules, path: Path) -> list[
     config = _expand_targets(config, base, path)
     try:
         hits = [name for name in base.kinds if _matches(config, name)]
-    except (re.error, TypeError, ValueError, AttributeError) as exc:  # PEFT raises the same on this config
+    except Exception as exc:  # only PEFT's matching runs here: what it raises, it raises on this config
         raise InvalidArgument(f"{path}: PEFT cannot match target_modules with this config: {_said(exc)}") from None
     if not hits:
         raise InvalidArgument(
