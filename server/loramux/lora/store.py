@@ -1,7 +1,9 @@
 """The adapter registry: adapter id -> validated folder on disk.
 
 Registration checks everything that could fail later (files, config, target modules,
-shapes, rank), so a bad adapter is refused here and never discovered at request time.
+shapes, rank), and holds the config to the tensors as PEFT's loading does (`peft_rules`),
+so a bad adapter is refused here and never discovered, or served with a guessed scaling,
+at request time.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -18,6 +21,9 @@ from safetensors.torch import load_file
 from loramux.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from loramux.lora import files, peft_rules
 from loramux.lora.peft_rules import BaseModules
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
 
@@ -133,7 +139,7 @@ class AdapterStore:
                 "of the decoder blocks are served"
             )
 
-    def _check_targets(self, config, modules: set[str], path: Path) -> None:
+    def _check_targets(self, config: LoraConfig, modules: set[str], path: Path) -> None:
         """Both directions, as PEFT's load reports them: a targeted module without tensors is
         a missing key, tensors of a module the config does not target are unexpected keys."""
         targeted = peft_rules.targeted_modules(config, self.base, path)
