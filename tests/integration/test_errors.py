@@ -126,6 +126,10 @@ def test_invalid_sampling(server, reference, params):
 def test_prompt_too_long(server, reference):
     with server.client() as c:
         assert "prompt is" in expect(S.INVALID_ARGUMENT, c.generate, "x" * 500, "good")
+        # Megabytes are refused by their length before the tokenizer (on the event loop) sees them.
+        started = time.monotonic()
+        assert "characters" in expect(S.INVALID_ARGUMENT, c.generate, "x" * (3 << 20), "good")
+        assert time.monotonic() - started < 2.0
         still_serving(c, reference)
 
 

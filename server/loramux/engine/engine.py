@@ -80,6 +80,9 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_model_len = min(max_model_len or runner.max_len, runner.max_len)
+        # Submit tokenizes on the event loop: text longer than this many characters cannot
+        # fit in max_model_len tokens, so it is refused before the tokenizer spends seconds on it.
+        self._max_chars = self.max_model_len * max(map(len, runner.tokenizer.get_vocab()), default=1)
         self.scheduler = Scheduler(max_queue, max_slot_wait, min_turn)
         self.rows: list[Row] = []
         self.batch: Batch | None = None
@@ -117,6 +120,11 @@ class Engine:
             self.store.get(adapter_id)
         if messages is not None:
             prompt = render_chat(self.runner.tokenizer, messages)
+        if len(prompt) > self._max_chars:  # tokenizing megabytes would stall every other RPC
+            raise InvalidArgument(
+                f"prompt is {len(prompt)} characters; no prompt over {self._max_chars} fits this model's "
+                f"{self.max_model_len} tokens (its longest token is {self._max_chars // self.max_model_len} characters)"
+            )
         ids = self.runner.tokenizer(prompt).input_ids
         if len(ids) >= self.max_model_len:
             what = "the rendered conversation" if messages is not None else "prompt"
