@@ -107,10 +107,6 @@ def parity(model, tokenizer, requests: list[c.BenchRequest], answers: list[list[
     order) token for token, each up to and including its first EOS: with `ignore_eos`
     loramux goes on past it, PEFT stops there."""
     _, ref = peft_one_at_a_time(model, tokenizer, requests)
-    eos = tokenizer.eos_token_id
-    same = sum(_until_eos(a, eos) == r for a, r in zip(answers, ref, strict=True))
+    eos = {tokenizer.eos_token_id}
+    same = sum(_answer(a, len(a), eos) == r for a, r in zip(answers, ref, strict=True))
     return {"checked": len(requests), "identical": same}
-
-
-def _until_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos) + 1] if eos in ids else ids

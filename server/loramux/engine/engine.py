@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +126,10 @@ class Engine:
                 f"{self.max_model_len} tokens (its longest token is {self._max_chars // self.max_model_len} characters)"
             )
         ids = self.runner.tokenizer(prompt).input_ids
+        if not ids:  # a normalizer that strips the text and no BOS: no position to predict from
+            raise InvalidArgument(
+                "the prompt is empty once tokenized: this model's tokenizer keeps none of its text; send some text"
+            )
         if len(ids) >= self.max_model_len:
             what = "the rendered conversation" if messages is not None else "prompt"
             raise InvalidArgument(
@@ -332,41 +336,40 @@ class Engine:
 
     def _prefill(self, rows: list[Row]) -> None:
         """Run the prompts, stream each first token, queue the rows to join the batch."""
+        out = self._prefill_step(rows, lambda: self.runner.prefill([r.req.prompt_ids for r in rows],
+                                                                   [r.slot for r in rows]))
+        if out is not None:
+            self._first_tokens(rows, *out)
+
+    def _prefill_step(self, rows: list[Row], run: Callable[[], tuple]) -> tuple | None:
+        """`run` a prefill forward for `rows`; on failure fail them (slots released) and None."""
         try:
             if any(r.req.inject_fault == "step" for r in rows):
                 raise faults.InjectedFault("injected fault in a prefill step")
-            logits, group = self.runner.prefill([r.req.prompt_ids for r in rows], [r.slot for r in rows])
+            return run()
         except Exception as exc:
             log.exception("prefill failed")
             self._fail_prefilled(rows, exc)
-            return
-        self._first_tokens(rows, logits, group)
+            return None
 
     def _prefill_piece(self) -> None:
         """The next piece of the long prompt in progress; its first token after the last."""
-        row, group = self._partial
+        (row, group), self._partial = self._partial, None
         req = row.req
         if req.cancelled or req.expired(time.monotonic()):
-            self._partial = None
             self._release(row)
             self._fail(req, None if req.cancelled else DeadlineExceeded("deadline passed while prefilling"))
             return
         done = 0 if group is None else group.next_pos[0]
         piece = req.prompt_ids[done:done + self._piece]
-        try:
-            if req.inject_fault == "step":
-                raise faults.InjectedFault("injected fault in a prefill step")
-            logits, group = (self.runner.prefill([piece], [row.slot]) if group is None
-                             else self.runner.prefill_more(group, piece))
-        except Exception as exc:
-            self._partial = None
-            log.exception("prefill failed")
-            self._fail_prefilled([row], exc)
+        out = self._prefill_step([row], lambda: (self.runner.prefill([piece], [row.slot]) if group is None
+                                                 else self.runner.prefill_more(group, piece)))
+        if out is None:
             return
+        logits, group = out
         if group.next_pos[0] < len(req.prompt_ids):
             self._partial = (row, group)
             return
-        self._partial = None
         self._first_tokens([row], logits, group)
 
     def _first_tokens(self, rows: list[Row], logits, group: Group) -> None:

@@ -9,8 +9,6 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from loramux.errors import InvalidArgument
-
 _ids = itertools.count()
 
 
@@ -62,14 +60,6 @@ class Request:
     cancelled: bool = False
     done: bool = False
     inject_fault: str = ""  # "step" or "crash": set only by fault-injection tests (loramux.faults)
-
-    def __post_init__(self) -> None:
-        # A text the tokenizer turns into no token (a normalizer that strips it, no BOS added)
-        # leaves the model no position to predict from: refuse it here, at submit, not in a step.
-        if not self.prompt_ids:
-            raise InvalidArgument(
-                "the prompt is empty once tokenized: this model's tokenizer keeps none of its text; send some text"
-            )
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
