@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from cachetools import LRUCache
+from cachetools import Cache, LRUCache
 
 from loramux import faults
 from loramux.errors import FailedPrecondition, Internal, InvalidArgument, LoramuxError, ResourceExhausted
@@ -55,12 +55,26 @@ class AdapterSlots:
         self._lru = _SlotLRU(num_slots, self._evicted)
         self._pinned: dict[str, tuple[int, int]] = {}  # adapter_id -> (slot, pin count)
         self._free = list(range(num_slots - 1, -1, -1))
+        self._identity: dict[int, str] = {}  # slot -> identity of the weights it holds
         self._lock = threading.RLock()
 
     # --- queries -----------------------------------------------------------------------
     def resident(self) -> set[str]:
         with self._lock:
             return set(self._lru) | set(self._pinned)
+
+    def identity(self, slot: int) -> str:
+        """The identity (`AdapterWeights.identity`) of the weights in a pinned slot: a file
+        replaced in place and loaded again has another one, though its adapter id is the same."""
+        return self._identity[slot]
+
+    def resident_identity(self, adapter_id: str) -> str | None:
+        """The identity of an adapter's weights if they are in a slot now, else None."""
+        with self._lock:
+            if adapter_id in self._pinned:
+                return self._identity.get(self._pinned[adapter_id][0])
+            # Cache.__getitem__ reads without LRUCache's touch: a peek must not change eviction order.
+            return self._identity.get(Cache.__getitem__(self._lru, adapter_id)) if adapter_id in self._lru else None
 
     def can_acquire(self, adapter_id: str) -> bool:
         """True if `acquire` would succeed without waiting for a release."""
@@ -158,6 +172,7 @@ class AdapterSlots:
         for layer in self.layers.values():
             layer.load_slot(slot, None, None, 0.0)
         self.ranks[slot] = 0
+        self._identity.pop(slot, None)
 
     def _host_weights(self, record: AdapterRecord) -> AdapterWeights:
         weights = self.host.get(record.adapter_id)
@@ -195,6 +210,7 @@ class AdapterSlots:
                 a, bt, scaling = weights.layers.get(name, (None, None, 0.0))
                 layer.load_slot(slot, a, bt, scaling)
             self.ranks[slot] = record.rank
+            self._identity[slot] = weights.identity
         except torch.OutOfMemoryError:
             self._wipe(slot)
             raise

@@ -8,6 +8,8 @@ at request time.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import threading
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from loramux.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from loramux.lora import files, peft_rules
@@ -50,6 +52,9 @@ class AdapterWeights:
     B is kept transposed, as the slots store it, so loading a slot copies contiguous rows."""
 
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    # SHA-256 of the weights file's bytes and the scalings: what the adapter computes, whatever
+    # its id. Keys and values made with these weights are cached under it (engine prefix cache).
+    identity: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -193,6 +198,9 @@ class AdapterStore:
     def __len__(self) -> int:
         return len(self._records)
 
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._records
+
     def load_weights(self, record: AdapterRecord) -> AdapterWeights:
         """Read the tensors of a registered adapter into host memory, re-checking the file."""
         wpath = files.weights_path(record.path)
@@ -205,13 +213,16 @@ class AdapterStore:
                     f"adapter {record.adapter_id!r}: files changed since registration; register it again"
                 )
         try:
-            tensors = load_file(str(wpath), device="cpu")
+            data = wpath.read_bytes()  # once: hashed and parsed from the same bytes
+            tensors = load(data)
         except Exception as exc:  # safetensors raises its own error types
             raise InvalidArgument(f"{wpath}: cannot read tensors ({exc})") from None
+        digest = hashlib.sha256(data)
+        digest.update(json.dumps(record.scalings, sort_keys=True).encode())
         layers = {}
         for module, pair in record.tensor_names.items():
             a, b = tensors[pair["A"]].to(self.dtype), tensors[pair["B"]].to(self.dtype)
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise InvalidArgument(f"{wpath}: {module} holds NaN or infinite values")
             layers[module] = (a.contiguous(), b.T.contiguous(), record.scalings[module])
-        return AdapterWeights(layers)
+        return AdapterWeights(layers, digest.hexdigest())

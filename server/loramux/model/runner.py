@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -254,20 +255,57 @@ class Runner:
         return split_by_length(lengths, self.forward_cost_tokens)
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, Group]:
-        """Run whole prompts; return last-position logits [n, vocab] and their rows' state."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+    def prefill(self, prompts: list[list[int]], slots: list[int],
+                pasts: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, Group]:
+        """Run whole prompts; return last-position logits [n, vocab] and their rows' state.
+        `pasts[i]`, if given, holds the keys and values of prompt i's first tokens ([layers,
+        2, kv_heads, h, head_dim], from the prefix cache): only the rest is computed."""
+        hits = [0 if p is None else p.shape[3] for p in pasts or [None] * len(prompts)]
+        new = max(len(p) - h for p, h in zip(prompts, hits, strict=True))  # columns computed
+        # Each row's prompt ends at the right edge: rows whose rest is shorter than `new` take
+        # some cached tokens again (as padding would cost), rows shorter than it take none.
+        used = [max(len(p) - new, 0) for p in prompts]
+        past = max(used)
+        mask = torch.zeros((len(prompts), past + new), dtype=torch.long)
+        ids = torch.full((len(prompts), new), self.pad_id, dtype=torch.long)
+        for i, (p, q) in enumerate(zip(prompts, used, strict=True)):
+            ids[i, new - (len(p) - q):] = torch.tensor(p[q:])
+            mask[i, past + new - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         cache = DynamicCache()
+        if past:
+            self._seed(cache, pasts, used, past)
         logits = self._forward(ids, mask, positions, cache, slots)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         return logits, Group(kv, mask, [len(p) for p in prompts], list(slots))
+
+    def _seed(self, cache: DynamicCache, pasts: list[torch.Tensor | None], used: list[int], width: int) -> None:
+        """Put each row's first `used[i]` cached tokens into `cache`, right-aligned to `width`."""
+        first = next(p for p in pasts if p is not None)
+        layers, _, heads, _, dim = first.shape
+        kv = torch.zeros(layers, 2, len(pasts), heads, width, dim, dtype=first.dtype, device=first.device)
+        for i, (p, q) in enumerate(zip(pasts, used, strict=True)):
+            if q:
+                kv[:, :, i, :, width - q:] = p[:, :, :, :q]
+        for layer in range(layers):
+            cache.update(kv[layer, 0], kv[layer, 1], layer)
+
+    @staticmethod
+    def row_kv(group: Group, row: int, length: int) -> Callable[[int, int], torch.Tensor]:
+        """Keys and values of row `row`'s tokens start..end (of its `length` live ones) as
+        [layers, 2, kv_heads, end - start, head_dim]: what the prefix cache stores."""
+        def kv(start: int, end: int) -> torch.Tensor:
+            left = group.mask.shape[1] - length
+            cols = slice(left + start, left + end)
+            return torch.stack([torch.stack((k[row, :, cols], v[row, :, cols])) for k, v in group.kv])
+        return kv
+
+    def group_from_past(self, past: torch.Tensor, slot: int) -> Group:
+        """A one-row group holding cached keys and values only (`prefill_more` goes on from it)."""
+        n = past.shape[3]
+        kv = [(past[layer, 0].unsqueeze(0), past[layer, 1].unsqueeze(0)) for layer in range(past.shape[0])]
+        return Group(kv, torch.ones((1, n), dtype=torch.long, device=self.device), [n], [slot])
 
     @torch.inference_mode()
     def prefill_more(self, group: Group, chunk: list[int]) -> tuple[torch.Tensor, Group]:

@@ -1,0 +1,161 @@
+"""Keys and values of prompt prefixes, reused by later prompts that start the same way.
+
+Every layer's keys and values depend on the adapter (LoRA on any projection of layer i
+changes the input of layer i+1), so entries live in a *namespace*: the identity of the
+weights that made them (`AdapterWeights.identity`, a hash of the file's bytes and the
+scalings; "base" for the bare base), never the adapter id. An id registered again with
+other files, or a folder replaced in place, has another namespace and cannot hit.
+
+The cache holds blocks of `BLOCK` tokens. Block j of a prompt is keyed by (the id of block
+j-1, or of the namespace for j = 0; its tokens): a chain that matches a prompt only where
+every earlier token matched too (vLLM's block hashes, but keyed by ids and token tuples, so
+a hash collision can never serve another prefix). Blocks are LRU by bytes. A prefill copies
+a hit into the row's own batch, so evicting a block never touches a running row; every
+lookup touches a chain leaf first, so a parent is always more recent than its children and
+eviction takes leaves first (no unreachable block outlives its parent).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from cachetools import Cache, LRUCache
+
+BLOCK = 16  # tokens per block: a prompt's last partial block is always prefilled
+BASE = "base"  # the namespace of the bare base model's rows
+
+_ids = itertools.count(1)
+
+
+def default_bytes(device: torch.device) -> int:
+    """1/16 of the device's memory (RAM on CPU): room for tens of thousands of tokens on
+    small models, while the batch's own keys and values and the slots keep the rest."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // 16
+
+
+@dataclass(frozen=True)
+class _Block:
+    id: int
+    namespace: str
+    kv: torch.Tensor  # [layers, 2 (keys, values), kv_heads, BLOCK, head_dim]
+
+
+class _BlockLRU(LRUCache):
+    """(parent id, tokens) -> block, bounded by bytes; eviction calls `on_evict`."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[], None]) -> None:
+        super().__init__(maxsize, getsizeof=lambda b: b.kv.nbytes)
+        self._on_evict = on_evict
+
+    def popitem(self):
+        item = super().popitem()
+        self._on_evict()
+        return item
+
+
+class PrefixCache:
+    """Owns the cached blocks, their namespaces and which adapter ids made each namespace."""
+
+    def __init__(self, max_bytes: int, metrics) -> None:
+        self.metrics = metrics
+        self._blocks = _BlockLRU(max_bytes, metrics.prefix_cache_evictions.inc)
+        self._roots: dict[str, int] = {}  # namespace -> id its first blocks are keyed under
+        self._owners: defaultdict[str, set[str]] = defaultdict(set)  # adapter id -> its namespaces
+        self._lock = threading.Lock()  # lookups run on the engine thread, drops on others
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._blocks.currsize)
+
+    def lookup(self, namespace: str, tokens: list[int]) -> torch.Tensor | None:
+        """Keys and values of the longest cached prefix of `tokens` ([layers, 2, kv_heads,
+        n, head_dim], n a multiple of BLOCK), or None. The last token is never served: its
+        logits are needed, so at least one token is always prefilled."""
+        with self._lock:
+            chain = self._chain(namespace, tokens, (len(tokens) - 1) // BLOCK)
+        self.metrics.prefix_cache_query_tokens.inc(len(tokens))
+        if not chain:
+            return None
+        self.metrics.prefix_cache_hit_tokens.inc(len(chain) * BLOCK)
+        return torch.cat([block.kv for _, block in chain], dim=3)
+
+    def peek(self, namespace: str, tokens: list[int]) -> int:
+        """How many tokens `lookup` would serve now (no block touched, nothing counted)."""
+        with self._lock:
+            parent, n, limit = self._roots.get(namespace), 0, (len(tokens) - 1) // BLOCK
+            while parent is not None and n < limit:
+                key = (parent, tuple(tokens[n * BLOCK:(n + 1) * BLOCK]))
+                if key not in self._blocks:
+                    break
+                # Cache.__getitem__ reads without LRUCache's touch: a peek must not change eviction order.
+                parent, n = Cache.__getitem__(self._blocks, key).id, n + 1
+        return n * BLOCK
+
+    def insert(self, namespace: str, owner: str, tokens: list[int], kv: Callable[[int, int], torch.Tensor]) -> None:
+        """Cache the full blocks of `tokens`; `kv(start, end)` gives those tokens' keys and
+        values ([layers, 2, kv_heads, end - start, head_dim]), asked once, for the blocks the
+        cache lacks."""
+        full = len(tokens) // BLOCK
+        with self._lock:
+            chain = self._chain(namespace, tokens, full)
+            if len(chain) < full:
+                self._owners[owner].add(namespace)
+                self._add(namespace, tokens, chain, kv(len(chain) * BLOCK, full * BLOCK))
+        self.metrics.prefix_cache_bytes.set(self.nbytes)
+
+    def forget(self, adapter_id: str) -> None:
+        """Drop the blocks an unregistered adapter made (its namespaces start afresh)."""
+        with self._lock:
+            namespaces = self._owners.pop(adapter_id, set())
+            for namespace in namespaces:
+                self._roots.pop(namespace, None)
+            for key in [k for k, b in self._blocks.items() if b.namespace in namespaces]:
+                del self._blocks[key]
+        self.metrics.prefix_cache_bytes.set(self.nbytes)
+
+    def _add(self, namespace: str, tokens: list[int], chain: list, fresh: torch.Tensor) -> None:
+        """Append blocks to `chain` (a cached prefix of `tokens`) from `fresh`, the keys and
+        values of the tokens after it, up to the last full block."""
+        start = len(chain)
+        parent = chain[-1][1].id if chain else self._roots.setdefault(namespace, next(_ids))
+        for j in range(start, len(tokens) // BLOCK):
+            # A copy: a view would keep the whole prompt's tensor alive after eviction.
+            kv = fresh[:, :, :, (j - start) * BLOCK:(j - start + 1) * BLOCK].clone()
+            key, block = (parent, tuple(tokens[j * BLOCK:(j + 1) * BLOCK])), _Block(next(_ids), namespace, kv)
+            try:
+                self._blocks[key] = block
+            except ValueError:  # a block larger than the whole cache
+                break
+            chain.append((key, block))
+            parent = block.id
+        self._touch(chain)
+
+    def _chain(self, namespace: str, tokens: list[int], limit: int) -> list[tuple[tuple, _Block]]:
+        """(key, block) of the cached blocks of `tokens` from the first, at most `limit`;
+        touched, the first last (a parent stays more recent than its children)."""
+        parent, chain = self._roots.get(namespace), []
+        while parent is not None and len(chain) < limit:
+            j = len(chain)
+            key = (parent, tuple(tokens[j * BLOCK:(j + 1) * BLOCK]))
+            block = self._blocks.get(key)
+            if block is None:
+                break
+            chain.append((key, block))
+            parent = block.id
+        self._touch(chain)
+        return chain
+
+    def _touch(self, chain: list[tuple[tuple, _Block]]) -> None:
+        for key, _ in reversed(chain):
+            if key in self._blocks:  # a block just added may have pushed an older one out
+                self._blocks[key]  # noqa: B018 - reading a key makes it the most recent

@@ -1,0 +1,69 @@
+"""PrefixCache: chains of blocks per namespace, LRU by bytes with leaves first, forget."""
+
+from __future__ import annotations
+
+import torch
+
+from loramux.metrics import Metrics
+from loramux.model.prefix import BLOCK, PrefixCache
+
+LAYERS, HEADS, DIM = 2, 1, 4
+BLOCK_BYTES = LAYERS * 2 * HEADS * BLOCK * DIM * 4
+
+
+def kv_of(tokens: list[int]):
+    """Keys and values that encode each token's id, so a wrong block shows."""
+    t = torch.tensor(tokens, dtype=torch.float32).view(1, 1, 1, -1, 1)
+    full = t.expand(LAYERS, 2, HEADS, len(tokens), DIM).clone()
+    return lambda start, end: full[:, :, :, start:end]
+
+
+def put(cache: PrefixCache, namespace: str, tokens: list[int], owner: str = "a") -> None:
+    cache.insert(namespace, owner, tokens, kv_of(tokens))
+
+
+def served(cache: PrefixCache, namespace: str, tokens: list[int]) -> list[int]:
+    kv = cache.lookup(namespace, tokens)
+    return [] if kv is None else kv[0, 0, 0, :, 0].long().tolist()
+
+
+def test_longest_prefix_in_its_namespace_only():
+    cache = PrefixCache(1 << 20, Metrics())
+    prompt = list(range(100, 150))  # 3 full blocks and 2 tokens
+    put(cache, "w1", prompt)
+    assert served(cache, "w1", prompt) == prompt[:48]
+    assert served(cache, "w1", prompt[:40] + [7] * 20) == prompt[:32]  # diverges in block 3
+    assert served(cache, "w1", [1] + prompt[1:]) == []  # diverges in block 1: nothing after it counts
+    assert served(cache, "w2", prompt) == [] and served(cache, "base", prompt) == []
+    assert served(cache, "w1", prompt[:48]) == prompt[:32]  # the last token is always prefilled
+    assert cache.peek("w1", prompt) == 48 and cache.peek("w2", prompt) == 0
+
+
+def test_bounded_by_bytes_evicting_leaves_first_and_peek_does_not_touch():
+    metrics = Metrics()
+    cache = PrefixCache(4 * BLOCK_BYTES, metrics)
+    a, b = list(range(64)), list(range(1000, 1032))
+    put(cache, "w", a[:48] + [0])  # 3 blocks of a
+    put(cache, "w", b + [0])  # 2 of b: one of a's must go, its last (a leaf), not its first
+    assert cache.nbytes <= 4 * BLOCK_BYTES
+    assert served(cache, "w", a) == a[:32] and served(cache, "w", b + [0]) == b
+    assert metrics.prefix_cache_evictions._value.get() == 1
+    cache.peek("w", a)  # a peek keeps b the most recent: the next eviction takes a's leaf
+    put(cache, "w", [5] * 17)
+    assert served(cache, "w", a) == a[:16] and served(cache, "w", b + [0]) == b
+
+
+def test_forget_drops_an_owner_s_namespaces():
+    cache = PrefixCache(1 << 20, Metrics())
+    prompt = list(range(40))
+    put(cache, "w1", prompt, owner="x")
+    put(cache, "w2", prompt, owner="y")
+    cache.forget("x")
+    assert served(cache, "w1", prompt) == [] and served(cache, "w2", prompt) == prompt[:32]
+    assert cache.nbytes == 2 * BLOCK_BYTES
+
+
+def test_a_block_larger_than_the_cache_is_not_kept():
+    cache = PrefixCache(BLOCK_BYTES - 1, Metrics())
+    put(cache, "w", list(range(40)))
+    assert cache.nbytes == 0 and served(cache, "w", list(range(40))) == []
