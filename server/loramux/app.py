@@ -25,6 +25,7 @@ from loramux.lora.slots import AdapterSlots
 from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
 from loramux.model.loader import ModelSpec, load_base, resolve_device, resolve_dtype
+from loramux.model.prefix import PrefixCache, default_bytes
 from loramux.model.runner import Runner, set_threads
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from loramux.pb.loramux.v1 import loramux_pb2_grpc as pb_grpc
@@ -58,11 +59,13 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     store = AdapterStore(runner.layer_shapes, cfg.adapter_roots, cfg.max_lora_rank,
                          cfg.max_adapter_bytes, dtype, base=describe_base(runner.model, runner.layers))
     slots = AdapterSlots(store, runner.layers, cfg.max_active_adapters, cfg.host_cache_bytes, metrics)
+    prefix_bytes = default_bytes(device) if cfg.prefix_cache_bytes is None else cfg.prefix_cache_bytes
+    log.info("prefix cache: %s", f"{prefix_bytes / 2**20:.0f} MiB" if prefix_bytes else "off")
     return Engine(runner, store, slots, metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_model_len,
                   registry_path=cfg.adapter_dir / registry_file.FILE_NAME, log_requests=cfg.log_requests,
                   max_slot_wait=cfg.max_slot_wait, min_turn=cfg.min_slot_turn,
                   max_prefill_tokens=cfg.max_prefill_tokens,
-                  torch_threads=threads)
+                  torch_threads=threads, prefix=PrefixCache(prefix_bytes, metrics) if prefix_bytes else None)
 
 
 class App:

@@ -52,6 +52,8 @@ def _serve_parser(sub) -> None:
     _add(p, "--max-active-adapters", int, 32, "adapters resident on the device at once (slots)")
     _add(p, "--max-lora-rank", int, 16, "largest adapter rank accepted")
     _add(p, "--host-cache-bytes", int, 2 << 30, "bytes of adapter tensors kept in host RAM")
+    _add(p, "--prefix-cache-bytes", int, None, "bytes of prompt keys and values kept for prompts that start the "
+         "same way, per adapter (0: off); unset: 1/16 of the device's memory (RAM on CPU)")
     _add(p, "--max-adapter-bytes", int, 1 << 30, "largest adapter weights file accepted")
     _add(p, "--max-batch-size", int, 16, "rows decoded together")
     _add(p, "--torch-threads", int, 0, "torch threads of the engine thread; 0: torch's default (every "
@@ -150,7 +152,8 @@ def _serve(args) -> int:
             quantization=args.quantization, compute_dtype=args.compute_dtype, device=args.device,
             adapter_dir=args.adapter_dir, allow_adapter_roots=tuple(Path(p) for p in args.allow_adapter_root),
             max_active_adapters=args.max_active_adapters, max_lora_rank=args.max_lora_rank,
-            host_cache_bytes=args.host_cache_bytes, max_adapter_bytes=args.max_adapter_bytes,
+            host_cache_bytes=args.host_cache_bytes, prefix_cache_bytes=args.prefix_cache_bytes,
+            max_adapter_bytes=args.max_adapter_bytes,
             max_batch_size=args.max_batch_size, torch_threads=args.torch_threads,
             max_queue=args.max_queue,
             max_slot_wait=args.max_slot_wait, min_slot_turn=args.min_slot_turn,

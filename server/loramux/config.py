@@ -25,6 +25,7 @@ class ServerConfig:
     max_active_adapters: int = 32  # device slots
     max_lora_rank: int = 16  # slot tensors are sized by it
     host_cache_bytes: int = 2 << 30
+    prefix_cache_bytes: int | None = None  # None: 1/16 of the device's memory; 0: no prefix cache
     max_adapter_bytes: int = 1 << 30
     max_batch_size: int = 16
     torch_threads: int = 0  # of the engine thread; 0: torch's default (every usable core on CPU)
@@ -62,6 +63,7 @@ class ServerConfig:
                 "--default-max-new-tokens must be in [1, --max-new-tokens-limit]",
             ),
             (self.host_cache_bytes >= 0, "--host-cache-bytes must be >= 0"),
+            (self.prefix_cache_bytes is None or self.prefix_cache_bytes >= 0, "--prefix-cache-bytes must be >= 0"),
             (self.max_adapter_bytes >= 1, "--max-adapter-bytes must be positive"),
             (self.adapter_scan_interval >= 0, "--adapter-scan-interval must be >= 0"),
             (0 <= self.port <= 65535, "--port must be in [0, 65535]"),

@@ -57,6 +57,11 @@ class Metrics:
         self.adapters_active = gauge("adapters_active", "Adapters resident in device slots")
         self.adapters_registered = gauge("adapters_registered", "Registered adapters")
         self.adapter_host_cache_bytes = gauge("adapter_host_cache_bytes", "Adapter tensor bytes in the host cache")
+        self.prefix_cache_hit_tokens = counter("prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache")
+        self.prefix_cache_query_tokens = counter("prefix_cache_query_tokens",
+                                                 "Prompt tokens looked up in the prefix cache (hit rate: hit / query)")
+        self.prefix_cache_bytes = gauge("prefix_cache_bytes", "Keys and values held by the prefix cache, bytes")
+        self.prefix_cache_evictions = counter("prefix_cache_evictions", "Prefix cache blocks evicted for room")
         self.model_memory = gauge("model_memory_bytes", "Base model weights and buffers, bytes")
         self.lora_slot_memory = gauge("lora_slot_memory_bytes", "Stacked LoRA slot tensors on the device, bytes")
 

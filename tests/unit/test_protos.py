@@ -20,7 +20,7 @@ def test_wire_contract_field_numbers():
 
     fields = {f.name: f.number for f in pb.GenerateResponse.DESCRIPTOR.fields}
     assert fields == {"text": 1, "token_ids": 2, "finish_reason": 3, "prompt_tokens": 4,
-                      "generated_tokens": 5, "adapter_id": 6}
+                      "generated_tokens": 5, "adapter_id": 6, "cached_prompt_tokens": 7}
     assert {f.name: f.number for f in pb.SamplingParams.DESCRIPTOR.fields} == {
         "max_new_tokens": 1, "temperature": 2, "top_p": 3, "top_k": 4, "seed": 5, "stop": 6, "ignore_eos": 7}
     assert {f.name: f.number for f in pb.GenerateRequest.DESCRIPTOR.fields} == {

@@ -35,6 +35,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.GenerateResponse(
             text=text, token_ids=tokens, finish_reason=FINISH[finish],
             prompt_tokens=len(req.prompt_ids), generated_tokens=len(tokens), adapter_id=request.adapter_id,
+            cached_prompt_tokens=req.cached_tokens,
         )
 
     async def GenerateStream(self, request, context):

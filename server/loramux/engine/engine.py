@@ -44,6 +44,7 @@ from loramux.lora import registry_file
 from loramux.lora.slots import AdapterSlots, SlotsFull
 from loramux.lora.store import AdapterRecord, AdapterStore
 from loramux.model.chat import render_chat
+from loramux.model.prefix import BASE, PrefixCache
 from loramux.model.runner import Batch, Group, Runner, merge, set_threads
 from loramux.model.sampling import Sampling, make_generator, sample
 
@@ -61,6 +62,13 @@ class Row:
     generator: object
     slot: int
     parked: bool = False  # on the shelf: its adapter gave its slot up (no pin held)
+    namespace: str = BASE  # the identity of the weights its keys and values are made with
+    past: object = None  # keys and values of its prompt's cached prefix, until prefilled
+
+    @property
+    def hit(self) -> int:
+        """Prompt tokens served from the prefix cache."""
+        return 0 if self.past is None else self.past.shape[3]
 
 
 class Engine:
@@ -70,12 +78,13 @@ class Engine:
                  max_batch_size: int, max_queue: int, max_model_len: int | None,
                  registry_path: Path | None = None, log_requests: bool = False,
                  max_slot_wait: float = 0.02, max_prefill_tokens: int | None = None,
-                 torch_threads: int = 0, min_turn: float = 1.5) -> None:
+                 torch_threads: int = 0, min_turn: float = 1.5, prefix: PrefixCache | None = None) -> None:
         self.log_requests = log_requests
         self.registry_path = registry_path  # where RPC registrations persist across restarts
         self.runner = runner
         self.store = store
         self.slots = slots
+        self.prefix = prefix  # None: every prompt is prefilled whole
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
@@ -205,6 +214,8 @@ class Engine:
     def unregister(self, adapter_id: str) -> AdapterRecord:
         record = self.store.remove(adapter_id)
         self.slots.forget(adapter_id)
+        if self.prefix is not None:
+            self.prefix.forget(adapter_id)
         with self._lock:
             dropped = self.scheduler.remove_where(lambda r: r.adapter_id == adapter_id)
         for req in dropped:
@@ -301,7 +312,8 @@ class Engine:
             # one prefill part after another, not one turn of 512 tokens after another).
             budget = self.max_prefill_tokens if self.rows or self._prefilled else None
             picked = (self.scheduler.pick(free, self._admitted - self._parked_rows, self.slots.num_slots,
-                                          budget, parked=self._parked, now=now, held=self._held)
+                                          budget, parked=self._parked, now=now, held=self._held,
+                                          cost=self._uncached if self.prefix else None)
                       if free > 0 else [])
             self._admitted.update(r.adapter_id for r in picked)
             for r in picked:
@@ -311,13 +323,22 @@ class Engine:
         for req in gone:
             self._fail(req, DeadlineExceeded("deadline passed while queued") if req.expired(now) else None)
         rows = [row for row in (self._start_row(req) for req in picked) if row is not None]
-        for part in self.runner.prefill_parts([len(row.req.prompt_ids) for row in rows]):
-            if len(part) == 1 and len(rows[part[0]].req.prompt_ids) > self._piece and self._partial is None:
-                self._partial = (rows[part[0]], None)  # one long prompt: a piece now, more each turn
+        for part in self.runner.prefill_parts([len(row.req.prompt_ids) - row.hit for row in rows]):
+            row = rows[part[0]]
+            if len(part) == 1 and len(row.req.prompt_ids) - row.hit > self._piece and self._partial is None:
+                # One long prompt: a piece now, more each turn (after its cached prefix, if any).
+                self._partial = (row, None if row.past is None else self.runner.group_from_past(row.past, row.slot))
+                row.past = None
                 self._prefill_piece()
             else:
                 self._prefill([rows[i] for i in part])
         return bool(picked)
+
+    def _uncached(self, req: Request) -> int:
+        """Prompt tokens a request's prefill would compute now: those the prefix cache lacks for
+        the weights its adapter has in a slot (all of them if it has none)."""
+        namespace = self.slots.resident_identity(req.adapter_id) if req.adapter_id else BASE
+        return len(req.prompt_ids) - (self.prefix.peek(namespace, req.prompt_ids) if namespace else 0)
 
     def _start_row(self, req: Request) -> Row | None:
         try:
@@ -332,14 +353,32 @@ class Engine:
         p = req.params
         sampling = Sampling(p.temperature, p.top_p, p.top_k, p.seed)
         gen = make_generator(sampling, self.runner.device)
-        return Row(req, TextStream(self.runner.tokenizer, p.stop), sampling, gen, slot)
+        row = Row(req, TextStream(self.runner.tokenizer, p.stop), sampling, gen, slot)
+        if self.prefix is not None:
+            row.namespace = self.slots.identity(slot) if req.adapter_id else BASE
+            row.past = self.prefix.lookup(row.namespace, req.prompt_ids)
+            req.cached_tokens = row.hit
+        return row
 
     def _prefill(self, rows: list[Row]) -> None:
         """Run the prompts, stream each first token, queue the rows to join the batch."""
         out = self._prefill_step(rows, lambda: self.runner.prefill([r.req.prompt_ids for r in rows],
-                                                                   [r.slot for r in rows]))
+                                                                   [r.slot for r in rows], [r.past for r in rows]))
+        for row in rows:
+            row.past = None  # copied into the group: the cache may evict it now
         if out is not None:
+            self._remember(rows, out[1])
             self._first_tokens(rows, *out)
+
+    def _remember(self, rows: list[Row], group: Group) -> None:
+        """Cache the prompts' keys and values just computed, for prompts that start the same way."""
+        if self.prefix is None:
+            return
+        for i, row in enumerate(rows):
+            if row.req.adapter_id and row.req.adapter_id not in self.store:
+                continue  # unregistered meanwhile: its blocks were dropped and must stay so
+            ids = row.req.prompt_ids
+            self.prefix.insert(row.namespace, row.req.adapter_id, ids, self.runner.row_kv(group, i, len(ids)))
 
     def _prefill_step(self, rows: list[Row], run: Callable[[], tuple]) -> tuple | None:
         """`run` a prefill forward for `rows`; on failure fail them (slots released) and None."""
@@ -370,6 +409,7 @@ class Engine:
         if group.next_pos[0] < len(req.prompt_ids):
             self._partial = (row, group)
             return
+        self._remember([row], group)
         self._first_tokens([row], logits, group)
 
     def _first_tokens(self, rows: list[Row], logits, group: Group) -> None:

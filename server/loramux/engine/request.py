@@ -57,6 +57,7 @@ class Request:
     admitted: float | None = None
     first_token: float | None = None
     generated: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cancelled: bool = False
     done: bool = False
     inject_fault: str = ""  # "step" or "crash": set only by fault-injection tests (loramux.faults)

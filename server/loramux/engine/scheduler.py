@@ -54,14 +54,16 @@ class Scheduler:
 
     def pick(self, free_rows: int, running: Counter[str], max_adapters: int, max_tokens: int | None = None,
              parked: dict[str, float] | None = None, now: float | None = None,
-             held: set[str] | frozenset[str] = frozenset()) -> list[Request]:
+             held: set[str] | frozenset[str] = frozenset(),
+             cost: Callable[[Request], int] | None = None) -> list[Request]:
         """Choose up to `free_rows` requests. `running` counts the batch's active rows per
         adapter; distinct adapters in the batch stay within `max_adapters` (the device
         slots), and a new adapter takes a slot before parked ones ({adapter: time parked})
         only once its oldest request has waited `max_slot_wait` (at `now`). The bare base,
         "", needs no slot. `max_tokens` bounds the picked prompts as one left-padded
-        prefill (rows x longest), at least one request whatever its length. `held` adapters
-        (see `rotate`) get no new rows."""
+        prefill (rows x longest), at least one request whatever its length; `cost` says
+        how many of a prompt's tokens the prefill computes (all, unless the prefix cache
+        holds some). `held` adapters (see `rotate`) get no new rows."""
         rows = Counter(running)
         in_batch = {a for a, n in rows.items() if a and n > 0}
         parked = parked or {}
@@ -83,7 +85,7 @@ class Scheduler:
                 break
             adapter_id = min(ready, key=lambda a: (rows[a], self._queues[a][0].seq))
             queue = self._queues[adapter_id]
-            width = max(widest, len(queue[0].prompt_ids))
+            width = max(widest, cost(queue[0]) if cost else len(queue[0].prompt_ids))
             if picked and max_tokens is not None and width * (len(picked) + 1) > max_tokens:
                 break
             widest = width

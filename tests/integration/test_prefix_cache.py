@@ -1,0 +1,157 @@
+"""The per-adapter prefix cache: PEFT's answers with it on, never another adapter's keys."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.adapters import make_adapter
+from tests.reference import PeftReference
+from tests.server import ServerProcess
+
+BLOCK = 16  # loramux.model.prefix.BLOCK; the tiny model's tokenizer is one token per byte
+# Shared prefixes (a task's instructions) with different questions after them.
+PREFIXES = ["You are a terse assistant. Answer in one short line, no preamble, no apologies.\n",
+            "Translate the following into French, keeping names as they are written:\n"]
+QUESTIONS = ["What is two and two?", "Name a colour.", "Why is the sky blue?", "Say hi"]
+ADAPTERS = ("", "r4-qv", "r16-all", "r64-mlp", "r8-rs")
+
+
+def _serve(tmp_path_factory, adapter_store, name: str, *args: str) -> ServerProcess:
+    work = tmp_path_factory.mktemp(name)
+    for a in ADAPTERS[1:]:
+        shutil.copytree(adapter_store[a], work / "adapters" / a)
+    return ServerProcess(work, "--adapter-dir", str(work / "adapters"), "--max-active-adapters", "4",
+                         "--allow-adapter-root", str(adapter_store["r4-qv"].parent), "--max-batch-size", "16", *args)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, adapter_store):
+    srv = _serve(tmp_path_factory, adapter_store, "prefix-on")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def uncached(tmp_path_factory, adapter_store):
+    srv = _serve(tmp_path_factory, adapter_store, "prefix-off", "--prefix-cache-bytes", "0")
+    yield srv
+    srv.stop()
+
+
+def _run(server: ServerProcess, jobs: list[tuple[str, str]], max_new_tokens: int = 12) -> list:
+    with server.client() as client, ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda j: client.generate(j[1], j[0], max_new_tokens=max_new_tokens), jobs))
+
+
+def test_shared_prefixes_match_peft_with_the_cache_on_and_off(cached, uncached, reference):
+    """Acceptance 1 and 4: adapters and the base share prefixes in concurrent batches."""
+    jobs = [(a, p + q) for p in PREFIXES for q in QUESTIONS for a in ADAPTERS]
+    before = cached.metrics()
+    first = _run(cached, jobs[::3])  # warms the cache with a third of the requests
+    on, off = _run(cached, jobs), _run(uncached, jobs)
+    for (adapter_id, prompt), a, b in zip(jobs, on, off, strict=True):
+        expected = reference.generate(adapter_id, prompt, 12)
+        assert list(a.token_ids) == expected, (adapter_id, prompt)
+        assert list(b.token_ids) == expected, (adapter_id, prompt)
+        assert b.cached_prompt_tokens == 0
+        # The prefix was prefilled by the warm-up (same adapter) or by an earlier request.
+        assert a.cached_prompt_tokens >= BLOCK * (len(PREFIXES[0]) // BLOCK - 1), (adapter_id, prompt)
+        assert a.cached_prompt_tokens % BLOCK == 0 and a.cached_prompt_tokens < a.prompt_tokens
+    assert all(r.cached_prompt_tokens < r.prompt_tokens for r in first)
+    m = cached.metrics()
+    hit = m["loramux_prefix_cache_hit_tokens_total"] - before.get("loramux_prefix_cache_hit_tokens_total", 0)
+    query = m["loramux_prefix_cache_query_tokens_total"] - before.get("loramux_prefix_cache_query_tokens_total", 0)
+    assert hit == sum(r.cached_prompt_tokens for r in first + on)
+    assert query == sum(r.prompt_tokens for r in first + on) and 0.5 < hit / query < 1
+    assert m["loramux_prefix_cache_bytes"] > 0 and "loramux_prefix_cache_evictions_total" in m
+    assert uncached.metrics()["loramux_prefix_cache_query_tokens_total"] == 0
+
+
+def test_adapters_sharing_a_prompt_each_get_their_own_answer(cached, reference):
+    """Acceptance 2: the cache warm with one adapter's keys, the others still answer as themselves."""
+    prompt = "Summarise the paragraph below in one sentence of plain words:\nThe cat sat on the mat."
+    order = ["r16-all", "", "r4-qv", "r64-mlp", "r8-rs"]
+    with cached.client() as client:
+        answers = [client.generate(prompt, a, max_new_tokens=12) for a in order + order]
+    for a, answer in zip(order + order, answers, strict=True):
+        assert list(answer.token_ids) == reference.generate(a, prompt, 12), a
+    assert [r.cached_prompt_tokens for r in answers[:5]] == [0] * 5  # nobody else's prefix
+    assert all(r.cached_prompt_tokens > 0 for r in answers[5:])
+    assert len({tuple(reference.generate(a, prompt, 12)) for a in order}) == len(order)
+
+
+def test_an_id_registered_again_with_other_weights_answers_with_them(cached, adapter_store, reference):
+    prompt = PREFIXES[0] + "Count to five."
+    with cached.client() as client:
+        client.register("again", str(adapter_store["r4-qv"]))
+        old = [client.generate(prompt, "again", max_new_tokens=12) for _ in range(2)]
+        client.unregister("again")
+        client.register("again", str(adapter_store["r32-kv"]))
+        new = client.generate(prompt, "again", max_new_tokens=12)
+        client.unregister("again")
+    assert old[1].cached_prompt_tokens > 0
+    assert list(old[0].token_ids) == list(old[1].token_ids) == reference.generate("r4-qv", prompt, 12)
+    assert new.cached_prompt_tokens == 0
+    assert list(new.token_ids) == reference.generate("r32-kv", prompt, 12)
+
+
+def test_a_folder_replaced_in_place_answers_with_its_new_weights(tmp_path, base_path):
+    """Same id, same rank and targets, other values: only the weights tell them apart."""
+    old = make_adapter(base_path, tmp_path / "src" / "old", rank=8, seed=11)
+    new = make_adapter(base_path, tmp_path / "src" / "new", rank=8, seed=12)
+    shutil.copytree(old, tmp_path / "adapters" / "swap")
+    ref = PeftReference(base_path, {"old": old, "new": new})
+    prompt = PREFIXES[1] + "Good morning, everyone."
+    srv = ServerProcess(tmp_path, "--adapter-dir", str(tmp_path / "adapters"), "--adapter-scan-interval", "0.2")
+    try:
+        with srv.client() as client:
+            before = [client.generate(prompt, "swap", max_new_tokens=12) for _ in range(2)]
+            registered = srv.log().count("registered adapter 'swap'")
+            for f in new.iterdir():
+                if f.is_file():
+                    shutil.copy(f, tmp_path / "adapters" / "swap" / f.name)
+            end = time.monotonic() + 30
+            while srv.log().count("registered adapter 'swap'") == registered and time.monotonic() < end:
+                time.sleep(0.1)
+            after = client.generate(prompt, "swap", max_new_tokens=12)
+    finally:
+        srv.stop()
+    assert before[1].cached_prompt_tokens > 0
+    assert list(before[1].token_ids) == ref.generate("old", prompt, 12)
+    assert ref.generate("old", prompt, 12) != ref.generate("new", prompt, 12)
+    assert list(after.token_ids) == ref.generate("new", prompt, 12)
+    assert after.cached_prompt_tokens == 0
+
+
+def test_the_cache_stays_within_its_bytes_and_long_prompts_in_pieces_use_it(tmp_path, adapter_store, reference):
+    """Acceptance 3: a workload larger than --prefix-cache-bytes evicts, stays in bounds, answers right;
+    a prompt prefilled in pieces (--max-prefill-tokens) starts after its cached prefix."""
+    shutil.copytree(adapter_store["r16-all"], tmp_path / "adapters" / "r16-all")
+    bound = 7 * BLOCK * (4 * 2 * 4 * 32 * 4)  # 7 blocks of the tiny model (4 layers, 4 kv heads x 32)
+    srv = ServerProcess(tmp_path, "--adapter-dir", str(tmp_path / "adapters"), "--prefix-cache-bytes", str(bound),
+                        "--max-prefill-tokens", "24")
+    prompts = [f"{i}: " + PREFIXES[i % 2] for i in range(6)]  # 4-5 blocks each, none shared
+    long = prompts[-1] + "And then a tail long enough to be prefilled in two pieces."
+    try:
+        with srv.client() as client:
+            for round_ in range(2):
+                for p in prompts:
+                    for a in ("", "r16-all"):
+                        answer = client.generate(p, a, max_new_tokens=8)
+                        assert list(answer.token_ids) == reference.generate(a, p, 8), (round_, a, p)
+                        assert srv.metrics()["loramux_prefix_cache_bytes"] <= bound
+            again = client.generate(prompts[-1], "r16-all", max_new_tokens=8)
+            pieces = client.generate(long, "r16-all", max_new_tokens=8)
+        m = srv.metrics()
+    finally:
+        srv.stop()
+    assert m["loramux_prefix_cache_evictions_total"] > 0
+    assert again.cached_prompt_tokens == BLOCK * ((again.prompt_tokens - 1) // BLOCK)
+    assert list(again.token_ids) == reference.generate("r16-all", prompts[-1], 8)
+    assert pieces.cached_prompt_tokens == BLOCK * (again.prompt_tokens // BLOCK)
+    assert pieces.prompt_tokens - pieces.cached_prompt_tokens > 2 * 24  # the rest went in pieces
+    assert list(pieces.token_ids) == reference.generate("r16-all", long, 8)
