@@ -62,6 +62,13 @@ def test_shared_prefixes_match_peft_with_the_cache_on_and_off(cached, uncached, 
         assert a.cached_prompt_tokens >= BLOCK * (len(PREFIXES[0]) // BLOCK - 1), (adapter_id, prompt)
         assert a.cached_prompt_tokens % BLOCK == 0 and a.cached_prompt_tokens < a.prompt_tokens
     assert all(r.cached_prompt_tokens < r.prompt_tokens for r in first)
+    # In the warm-up burst, requests that share an adapter and a prefix computed it once:
+    # the first prefilled, the others waited for it and took it from the cache.
+    for adapter_id in ADAPTERS:
+        for prefix in PREFIXES:
+            hits = [r.cached_prompt_tokens > 0 for (a, p), r in zip(jobs[::3], first, strict=True)
+                    if a == adapter_id and p.startswith(prefix)]
+            assert sorted(hits) == [False] + [True] * (len(hits) - 1), (adapter_id, prefix, hits)
     m = cached.metrics()
     hit = m["loramux_prefix_cache_hit_tokens_total"] - before.get("loramux_prefix_cache_hit_tokens_total", 0)
     query = m["loramux_prefix_cache_query_tokens_total"] - before.get("loramux_prefix_cache_query_tokens_total", 0)

@@ -44,7 +44,7 @@ from loramux.lora import registry_file
 from loramux.lora.slots import AdapterSlots, SlotsFull
 from loramux.lora.store import AdapterRecord, AdapterStore
 from loramux.model.chat import render_chat
-from loramux.model.prefix import BASE, PrefixCache
+from loramux.model.prefix import BASE, BLOCK, PrefixCache
 from loramux.model.runner import Batch, Group, Runner, merge, set_threads
 from loramux.model.sampling import Sampling, make_generator, sample
 
@@ -323,6 +323,13 @@ class Engine:
         for req in gone:
             self._fail(req, DeadlineExceeded("deadline passed while queued") if req.expired(now) else None)
         rows = [row for row in (self._start_row(req) for req in picked) if row is not None]
+        for wave in self._waves(rows):
+            self._look_up(wave)
+            self._prefill_parts(wave)
+        return bool(picked)
+
+    def _prefill_parts(self, rows: list[Row]) -> None:
+        """Prefill rows in parts of similar length (what each computes, after its cached prefix)."""
         for part in self.runner.prefill_parts([len(row.req.prompt_ids) - row.hit for row in rows]):
             row = rows[part[0]]
             if len(part) == 1 and len(row.req.prompt_ids) - row.hit > self._piece and self._partial is None:
@@ -332,7 +339,28 @@ class Engine:
                 self._prefill_piece()
             else:
                 self._prefill([rows[i] for i in part])
-        return bool(picked)
+
+    def _waves(self, rows: list[Row]) -> list[list[Row]]:
+        """Rows that share an uncached prefix with an earlier row of this admission wait for it
+        to be prefilled (and cached) first, then take it from the cache: a burst of requests
+        with one new system prompt computes it once per adapter, not once per request."""
+        if self.prefix is None:
+            return [rows]
+        first, then, seen = [], [], set()
+        for row in rows:
+            ids = row.req.prompt_ids
+            end = self.prefix.peek(row.namespace, ids) + BLOCK
+            key = (row.namespace, tuple(ids[:end]))
+            (then if len(ids) > end and key in seen else first).append(row)
+            seen.add(key)
+        return [w for w in (first, then) if w]
+
+    def _look_up(self, rows: list[Row]) -> None:
+        """Take each row's cached prefix (copied into its prefill; the cache may evict it after)."""
+        if self.prefix is not None:
+            for row in rows:
+                row.past = self.prefix.lookup(row.namespace, row.req.prompt_ids)
+                row.req.cached_tokens = row.hit
 
     def _uncached(self, req: Request) -> int:
         """Prompt tokens a request's prefill would compute now: those the prefix cache lacks for
@@ -356,8 +384,6 @@ class Engine:
         row = Row(req, TextStream(self.runner.tokenizer, p.stop), sampling, gen, slot)
         if self.prefix is not None:
             row.namespace = self.slots.identity(slot) if req.adapter_id else BASE
-            row.past = self.prefix.lookup(row.namespace, req.prompt_ids)
-            req.cached_tokens = row.hit
         return row
 
     def _prefill(self, rows: list[Row]) -> None:
