@@ -78,6 +78,15 @@ def test_shared_prefixes_match_peft_with_the_cache_on_and_off(cached, uncached, 
     assert uncached.metrics()["loramux_prefix_cache_query_tokens_total"] == 0
 
 
+def test_seeded_sampling_is_the_same_with_the_cache_on_and_off(cached, uncached):
+    """Cached keys and values are the ones a whole prefill computes: sampled answers agree too."""
+    prompt, params = PREFIXES[0] + "Tell me a story.", {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 7}
+    with cached.client() as on, uncached.client() as off:
+        answers = [c.generate(prompt, "r16-all", max_new_tokens=16, **params) for c in (on, on, off)]
+    assert answers[1].cached_prompt_tokens > 0
+    assert list(answers[0].token_ids) == list(answers[1].token_ids) == list(answers[2].token_ids)
+
+
 def test_adapters_sharing_a_prompt_each_get_their_own_answer(cached, reference):
     """Acceptance 2: the cache warm with one adapter's keys, the others still answer as themselves."""
     prompt = "Summarise the paragraph below in one sentence of plain words:\nThe cat sat on the mat."

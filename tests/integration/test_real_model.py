@@ -130,6 +130,10 @@ def test_chat_in_mixed_batches_matches_peft(server, real_model_path, parity_adap
                                                add_generation_prompt=True)
         expected = reference.generate(adapter_id, prompt, 24)
         assert list(answer.token_ids) == expected, (adapter_id, question, answer.text)
+    # The template's default system prompt came from the prefix cache (issue 16) for the
+    # adapters' later requests, and the answers are still PEFT's.
+    hits = {a for (a, _), answer in zip(jobs, answers, strict=True) if answer.cached_prompt_tokens >= 16}
+    assert hits == set(adapters)
     # The oracle tells the adapters apart, or the test proves nothing.
     outputs = {a: tuple(tuple(reference.generate(a, tokenizer.apply_chat_template(
         [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True), 24)) for q in QUESTIONS)
