@@ -357,10 +357,14 @@ class Engine:
 
     def _look_up(self, rows: list[Row]) -> None:
         """Take each row's cached prefix (copied into its prefill; the cache may evict it after)."""
-        if self.prefix is not None:
-            for row in rows:
+        if self.prefix is None:
+            return
+        for row in rows:
+            try:
                 row.past = self.prefix.lookup(row.namespace, row.req.prompt_ids)
-                row.req.cached_tokens = row.hit
+            except Exception:  # e.g. out of memory: a cache is never a reason to fail a request
+                log.exception("prefix cache lookup failed; prefilling the whole prompt")
+            row.req.cached_tokens = row.hit
 
     def _uncached(self, req: Request) -> int:
         """Prompt tokens a request's prefill would compute now: those the prefix cache lacks for
@@ -404,7 +408,10 @@ class Engine:
             if row.req.adapter_id and row.req.adapter_id not in self.store:
                 continue  # unregistered meanwhile: its blocks were dropped and must stay so
             ids = row.req.prompt_ids
-            self.prefix.insert(row.namespace, row.req.adapter_id, ids, self.runner.row_kv(group, i, len(ids)))
+            try:
+                self.prefix.insert(row.namespace, row.req.adapter_id, ids, self.runner.row_kv(group, i, len(ids)))
+            except Exception:  # e.g. out of memory copying: the request goes on, uncached
+                log.exception("caching a prompt's keys and values failed")
 
     def _prefill_step(self, rows: list[Row], run: Callable[[], tuple]) -> tuple | None:
         """`run` a prefill forward for `rows`; on failure fail them (slots released) and None."""
