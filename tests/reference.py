@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -57,6 +58,25 @@ class PeftReference:
                 with self.model.disable_adapter():
                     self._memo[key] = greedy(self.model, self.tokenizer, prompt, max_new_tokens, min_new_tokens)
         return self._memo[key]
+
+    @torch.inference_mode()
+    def logprobs(self, adapter_id: str, prompt: str, tokens: list[int]) -> torch.Tensor:
+        """log_softmax of PEFT's logits over `prompt` followed by the answer `tokens`, one
+        forward: [len(tokens), vocab], row i the distribution token i was drawn from."""
+        prompt_ids = self.tokenizer(prompt).input_ids
+        ids = torch.tensor([prompt_ids + tokens[:-1]])
+        with self._adapter(adapter_id):
+            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        return torch.log_softmax(logits[0, len(prompt_ids) - 1:].float(), dim=-1)
+
+    @contextlib.contextmanager
+    def _adapter(self, adapter_id: str):
+        if not adapter_id:
+            with self.model.disable_adapter():
+                yield
+            return
+        self.model.set_adapter(adapter_id)
+        yield
 
 
 class PeftLoader:

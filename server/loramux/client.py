@@ -74,13 +74,16 @@ class Retry:
 
 def sampling(max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float | None = None,
              top_k: int = 0, seed: int = 0, stop: list[str] | None = None,
-             ignore_eos: bool = False) -> pb.SamplingParams:
+             ignore_eos: bool = False, top_logprobs: int | None = None) -> pb.SamplingParams:
+    """`top_logprobs` set (even 0): the answer carries each token's logprob and that many alternatives."""
     params = pb.SamplingParams(temperature=temperature, top_k=top_k, seed=seed, stop=stop or [],
                                ignore_eos=ignore_eos)
     if max_new_tokens is not None:
         params.max_new_tokens = max_new_tokens
     if top_p is not None:
         params.top_p = top_p
+    if top_logprobs is not None:
+        params.top_logprobs = top_logprobs
     return params
 
 

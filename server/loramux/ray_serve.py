@@ -70,8 +70,9 @@ class LoramuxReplica:
         if not 1 <= params.max_new_tokens <= self.limit:
             raise ValueError(f"max_new_tokens must be in [1, {self.limit}]")
         req = self.engine.submit(adapter_id, prompt, params, "", None)
-        text, tokens, finish = await self.engine.complete(req)
-        return {"text": text, "token_ids": tokens, "finish_reason": finish.name if finish else None,
+        done = await self.engine.complete(req)
+        return {"text": done.text, "token_ids": done.token_ids,
+                "finish_reason": done.finish.name if done.finish else None,
                 "adapter_id": adapter_id, "replica": self.replica}
 
     async def __call__(self, request) -> dict:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
-from loramux.engine.request import Event, Finish, Params
+from loramux.engine.request import Event, Finish, Params, TokenLogprob
 from loramux.errors import InvalidArgument
 from loramux.lora.store import AdapterRecord
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
@@ -12,6 +13,7 @@ from loramux.pb.loramux.v1 import loramux_pb2 as pb
 FINISH = {Finish.LENGTH: pb.FINISH_REASON_LENGTH, Finish.EOS: pb.FINISH_REASON_EOS,
           Finish.STOP: pb.FINISH_REASON_STOP, None: pb.FINISH_REASON_UNSPECIFIED}
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit too)
 
 
 def params_from_pb(req: pb.GenerateRequest, default_max_new: int, limit: int) -> Params:
@@ -29,7 +31,17 @@ def params_from_pb(req: pb.GenerateRequest, default_max_new: int, limit: int) ->
     if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
         raise InvalidArgument(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
     return Params(max_new_tokens=max_new, temperature=float(p.temperature), top_p=float(top_p),
-                  top_k=int(p.top_k), seed=int(p.seed) or None, stop=stop, ignore_eos=p.ignore_eos)
+                  top_k=int(p.top_k), seed=int(p.seed) or None, stop=stop, ignore_eos=p.ignore_eos,
+                  top_logprobs=top_logprobs_from_pb(p))
+
+
+def top_logprobs_from_pb(p: pb.SamplingParams) -> int | None:
+    """None when logprobs were not asked for; else how many alternatives (validated)."""
+    if not p.HasField("top_logprobs"):
+        return None
+    if p.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {p.top_logprobs}")
+    return int(p.top_logprobs)
 
 
 def messages_from_pb(req: pb.GenerateRequest) -> tuple[tuple[str, str], ...] | None:
@@ -46,7 +58,13 @@ def messages_from_pb(req: pb.GenerateRequest) -> tuple[tuple[str, str], ...] | N
 
 def stream_from_event(event: Event) -> pb.GenerateStreamResponse:
     return pb.GenerateStreamResponse(text=event.text, token_ids=list(event.token_ids),
-                                     finish_reason=FINISH[event.finish])
+                                     finish_reason=FINISH[event.finish], logprobs=logprobs_pb(event.logprobs))
+
+
+def logprobs_pb(logprobs: Iterable[TokenLogprob]) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=lp.token_id, token=lp.token, logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=t, token=s, logprob=v) for t, s, v in lp.top])
+            for lp in logprobs]
 
 
 def adapter_info(record: AdapterRecord) -> pb.AdapterInfo:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from loramux.api.convert import FINISH, adapter_info, messages_from_pb, params_from_pb, stream_from_event
+from loramux.api.convert import (
+    FINISH,
+    adapter_info,
+    logprobs_pb,
+    messages_from_pb,
+    params_from_pb,
+    stream_from_event,
+)
 from loramux.api.interceptor import check_parsed
 from loramux.engine.engine import Engine
 from loramux.engine.request import Request
@@ -16,30 +23,32 @@ from loramux.pb.loramux.v1 import loramux_pb2_grpc as pb_grpc
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    """Turns Generate calls into engine requests and engine events into responses."""
+    """Turns Generate calls into engine requests and engine events into responses; the HTTP
+    front door submits through it too (`submit`), so both validate alike."""
 
     def __init__(self, engine: Engine, default_max_new: int, max_new_limit: int) -> None:
         self.engine = engine
         self.default_max_new = default_max_new
         self.max_new_limit = max_new_limit
 
-    def _submit(self, request: pb.GenerateRequest, context) -> Request:
+    def submit(self, request: pb.GenerateRequest, timeout: float | None) -> Request:
+        """Validate a request and queue it; raises the error its caller hears."""
         messages = messages_from_pb(request)
         params = params_from_pb(request, self.default_max_new, self.max_new_limit)
         return self.engine.submit(request.adapter_id, request.prompt, params, request.request_id,
-                                  context.time_remaining(), messages=messages)
+                                  timeout, messages=messages)
 
     async def Generate(self, request, context):
-        req = self._submit(request, context)
-        text, tokens, finish = await self.engine.complete(req)
+        req = self.submit(request, context.time_remaining())
+        done = await self.engine.complete(req)
         return pb.GenerateResponse(
-            text=text, token_ids=tokens, finish_reason=FINISH[finish],
-            prompt_tokens=len(req.prompt_ids), generated_tokens=len(tokens), adapter_id=request.adapter_id,
-            cached_prompt_tokens=req.cached_tokens,
+            text=done.text, token_ids=done.token_ids, finish_reason=FINISH[done.finish],
+            prompt_tokens=len(req.prompt_ids), generated_tokens=len(done.token_ids), adapter_id=request.adapter_id,
+            cached_prompt_tokens=req.cached_tokens, logprobs=logprobs_pb(done.logprobs),
         )
 
     async def GenerateStream(self, request, context):
-        async for event in self.engine.events(self._submit(request, context)):
+        async for event in self.engine.events(self.submit(request, context.time_remaining())):
             yield stream_from_event(event)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramux import faults
-from loramux.engine.request import Event, Finish, Outbox, Params, Request
+from loramux.engine.request import Completion, Event, Finish, Outbox, Params, Request, TokenLogprob
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.stream import TextStream
 from loramux.errors import (
@@ -44,6 +44,7 @@ from loramux.lora import registry_file
 from loramux.lora.slots import AdapterSlots, SlotsFull
 from loramux.lora.store import AdapterRecord, AdapterStore
 from loramux.model.chat import render_chat
+from loramux.model.logprobs import token_logprobs
 from loramux.model.prefix import BASE, BLOCK, PrefixCache
 from loramux.model.runner import Batch, Group, Runner, merge, set_threads
 from loramux.model.sampling import Sampling, make_generator, sample
@@ -179,14 +180,15 @@ class Engine:
             if not req.done:
                 self.cancel(req)
 
-    async def complete(self, req: Request) -> tuple[str, list[int], Finish | None]:
-        """Run a request to its end: (text, token ids, finish reason)."""
-        text, tokens, finish = [], [], None
+    async def complete(self, req: Request) -> Completion:
+        """Run a request to its end: its text, tokens, finish reason (and logprobs, if asked)."""
+        text, tokens, finish, logprobs = [], [], None, []
         async for event in self.events(req):
             text.append(event.text)
             tokens += event.token_ids
+            logprobs += event.logprobs
             finish = event.finish
-        return "".join(text), tokens, finish
+        return Completion("".join(text), tokens, finish, logprobs)
 
     def register(self, adapter_id: str, path: str | Path, source: str = "rpc") -> AdapterRecord:
         folder = self.store.resolve_path(str(path))
@@ -283,14 +285,15 @@ class Engine:
         try:
             logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows])
             tokens = sample(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
+            logprobs = self._logprobs(self.rows, logits, tokens)
         except Exception as exc:
             log.exception("decode step failed")
             self._fail_rows(dict.fromkeys(range(len(self.rows)), Internal(f"model step failed: {exc}")))
             return
         now, outbox = time.monotonic(), Outbox()
         try:
-            finished = [i for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
-                        if self._emit_token(row, token, now, outbox)]
+            finished = [i for i, (row, token, lp) in enumerate(zip(self.rows, tokens, logprobs, strict=True))
+                        if self._emit_token(row, token, now, outbox, lp)]
         finally:
             outbox.flush()
         if finished:
@@ -449,14 +452,15 @@ class Engine:
         """Sample and stream the first token of each prefilled row; queue them to join."""
         try:
             tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
+            logprobs = self._logprobs(rows, logits, tokens)
         except Exception as exc:
             log.exception("prefill failed")
             self._fail_prefilled(rows, exc)
             return
         try:
             now = time.monotonic()
-            for row, token in zip(rows, tokens, strict=True):
-                self._emit_token(row, token, now)
+            for row, token, lp in zip(rows, tokens, logprobs, strict=True):
+                self._emit_token(row, token, now, logprob=lp)
         except Exception as exc:  # e.g. decoding a token: the rows must not stay counted
             log.exception("streaming first tokens failed")
             self._fail_prefilled([r for r in rows if not r.req.done], exc)
@@ -468,7 +472,23 @@ class Engine:
             self._release(row)
             self._fail(row.req, Internal(f"model step failed: {exc}"))
 
-    def _emit_token(self, row: Row, token: int, now: float, outbox: Outbox | None = None) -> bool:
+    def _logprobs(self, rows: list[Row], logits, tokens: list[int]) -> list[TokenLogprob | None]:
+        """Each row's token logprob if its request asked (top_logprobs set), else None; rows
+        that do not ask cost nothing."""
+        out: list[TokenLogprob | None] = [None] * len(rows)
+        asked = [i for i, r in enumerate(rows) if r.req.params.top_logprobs is not None]
+        if not asked:
+            return out
+        tops = [rows[i].req.params.top_logprobs for i in asked]
+        found = token_logprobs(logits, asked, [tokens[i] for i in asked], tops)
+        decode = self.runner.tokenizer.decode
+        for i, (logprob, ids, values) in zip(asked, found, strict=True):
+            top = tuple((t, decode([t]), v) for t, v in zip(ids, values, strict=True))
+            out[i] = TokenLogprob(tokens[i], decode([tokens[i]]), logprob, top)
+        return out
+
+    def _emit_token(self, row: Row, token: int, now: float, outbox: Outbox | None = None,
+                    logprob: TokenLogprob | None = None) -> bool:
         """Append a row's new token and stream it (now, or with `outbox`); True (and the row
         released) if it ended."""
         req = row.req
@@ -482,7 +502,8 @@ class Engine:
             finish = Finish.STOP
         elif finish is not None:
             text += row.stream.flush()
-        req.emit(Event(text=text, token_ids=(token,), finish=finish), outbox)
+        req.emit(Event(text=text, token_ids=(token,), finish=finish,
+                       logprobs=(logprob,) if logprob is not None else ()), outbox)
         if finish is not None:
             self._finished(row, now, finish)
         return finish is not None

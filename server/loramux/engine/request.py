@@ -29,6 +29,18 @@ class Params:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate to max_new_tokens even past EOS
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's and the k likeliest
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the raw distribution (before temperature,
+    top-k, top-p) and the likeliest tokens at its step, most likely first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, token, logprob)
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,17 @@ class Event:
     token_ids: tuple[int, ...] = ()
     finish: Finish | None = None
     error: Exception | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A request's whole answer (`Engine.complete`)."""
+
+    text: str
+    token_ids: list[int]
+    finish: Finish | None
+    logprobs: list[TokenLogprob]
 
 
 @dataclass(eq=False)
