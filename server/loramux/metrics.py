@@ -37,7 +37,9 @@ class Metrics:
         def histogram(name: str, doc: str, buckets) -> Histogram:
             return Histogram("loramux_" + name, doc, buckets=buckets, registry=r)
 
-        self.requests = counter("requests", "Finished Generation calls by gRPC status", ["status"])
+        # frontend: "grpc" or "http" (the OpenAI routes), so both front doors count here.
+        self.requests = counter("requests", "Finished generation requests by gRPC status and front door",
+                                ["status", "frontend"])
         self.request_duration = histogram("request_duration_seconds", "Arrival to last token", _LATENCY)
         self.queue_wait = histogram("queue_wait_seconds", "Arrival to admission into the batch", _LATENCY)
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", _LATENCY)

@@ -144,7 +144,7 @@ def test_queue_full_answers_at_once(server, reference):
             s.cancel()
         time.sleep(0.5)
         still_serving(c, reference)
-    assert server.metrics()['loramux_requests_total{status="RESOURCE_EXHAUSTED"}'] >= 1
+    assert server.metrics()['loramux_requests_total{frontend="grpc",status="RESOURCE_EXHAUSTED"}'] >= 1
 
 
 def test_health_and_reflection(server):
@@ -177,4 +177,6 @@ def test_required_metrics_exported(server):
         assert any(n == "loramux_" + name or n.startswith(f"loramux_{name}_") for n in names), name
     assert server.metrics()["loramux_model_memory_bytes"] > 0
     labelled = {series for series in server.metrics() if "{" in series and "_bucket" not in series}
-    assert all(s.startswith("loramux_requests_total{status=") for s in labelled if s.startswith("loramux_"))
+    # The only labels: status and the bounded front door (grpc / http); never an adapter id.
+    assert all(s.startswith('loramux_requests_total{frontend="grpc",status=') for s in labelled
+               if s.startswith("loramux_"))

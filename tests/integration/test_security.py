@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 
 import grpc
+import httpx2 as httpx  # the HTTP client the openai SDK itself uses
 import pytest
 
 from loramux.client import Client
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
-from tests.server import ServerProcess
+from tests.server import ServerProcess, free_port
 
 S = grpc.StatusCode
 TOKEN = "s3cret-token"
@@ -89,11 +91,18 @@ def test_tls(tmp_path, adapter_store):
                     str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     srv = ServerProcess(tmp_path, "--adapter-dir", str(tmp_path / "adapters"), "--tls-cert", str(cert),
-                        "--tls-key", str(key))
+                        "--tls-key", str(key), "--http-port", str(free_port()))
     try:
         with Client(srv.address, tls_ca=cert.read_bytes()) as secure:
             assert secure.generate("Hello", max_new_tokens=4).generated_tokens >= 1
         with Client(srv.address, timeout=5) as plain:
             assert code_of(plain.generate, "Hello", max_new_tokens=4) == S.UNAVAILABLE
+        # The HTTP front door takes the same certificate: HTTPS only.
+        https = f"https://127.0.0.1:{srv.http_port}"
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
+        answer = httpx.post(https + "/v1/completions", json=body, verify=ssl.create_default_context(cafile=cert))
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(f"http://127.0.0.1:{srv.http_port}/v1/completions", json=body, timeout=5)
     finally:
         srv.stop()

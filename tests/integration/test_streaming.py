@@ -93,4 +93,4 @@ def test_cancelled_stream_frees_its_row(server):
             assert err.value.code() == grpc.StatusCode.CANCELLED
         answer = client.generate("Hello world", max_new_tokens=8)
         assert answer.generated_tokens >= 1
-    assert server.metrics()['loramux_requests_total{status="CANCELLED"}'] >= 4
+    assert server.metrics()['loramux_requests_total{frontend="grpc",status="CANCELLED"}'] >= 4

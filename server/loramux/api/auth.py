@@ -1,4 +1,5 @@
-"""The admin token: AdapterRegistry writes need `authorization: Bearer <token>` metadata."""
+"""The admin token: AdapterRegistry writes need `authorization: Bearer <token>` metadata
+(gRPC) or header (HTTP's adapter routes)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,24 @@ ADMIN_METHODS = frozenset({
     "/loramux.v1.AdapterRegistry/UnregisterAdapter",
     "/loramux.v1.AdapterRegistry/UploadAdapter",
 })
+TOKEN_NEEDED = "this call needs the admin token: metadata (gRPC) or header (HTTP) 'authorization: Bearer <token>'"
+
+
+def authorized(given: str | bytes, token: str) -> bool:
+    """`given` is `Bearer <token>` (compared in constant time)."""
+    given = given.encode() if isinstance(given, str) else given
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
 
 
 async def _deny(request, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                        "this call needs the admin token: metadata 'authorization: Bearer <token>'")
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, TOKEN_NEEDED)
 
 
 class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses admin RPCs whose metadata lacks the configured token (compared in constant time)."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     async def intercept_service(self, continuation, details):
         if details.method in ADMIN_METHODS and not self._authorized(details.invocation_metadata or ()):
@@ -35,6 +42,5 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
     def _authorized(self, metadata) -> bool:
         for key, value in metadata:
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
+                return authorized(value, self._token)
         return False

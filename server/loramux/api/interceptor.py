@@ -47,7 +47,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _count(self, status: str) -> None:
-        self.metrics.requests.labels(status=status).inc()
+        self.metrics.requests.labels(status=status, frontend="grpc").inc()
 
 
 class _Unparsable:
