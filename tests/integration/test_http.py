@@ -270,8 +270,11 @@ def test_client_disconnect_frees_its_row(server):
             wait_running(server, 3)
         # the connections closed mid-stream
         wait_running(server)
+        with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting
+            http.post("/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+        wait_running(server)
     end = time.monotonic() + 5
-    while server.metrics().get('loramux_requests_total{frontend="http",status="CANCELLED"}', 0) < before + 3:
+    while server.metrics().get('loramux_requests_total{frontend="http",status="CANCELLED"}', 0) < before + 4:
         assert time.monotonic() < end
         time.sleep(0.05)
 

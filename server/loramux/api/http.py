@@ -100,7 +100,10 @@ class OpenAIRoutes:
                 usage = body.stream_options is not None and body.stream_options.include_usage
                 return EventSourceResponse(self._stream(answer, req, first, events, usage),
                                            headers={"Cache-Control": "no-cache"})
-            done = await self.engine.complete(req)
+            done = await _unless_disconnected(request, self.engine.complete(req))
+            if done is None:
+                self._count("CANCELLED")
+                return None  # nobody is left to answer
         except Exception as exc:
             status, response = error_response(exc)
             self._count(status)
@@ -165,6 +168,26 @@ class OpenAIRoutes:
         except Exception as exc:
             return error_response(exc)[1]
         return oa.model_card(record.adapter_id, self.created, parent=self.model_name, root=str(record.path))
+
+
+async def _unless_disconnected(request: Request, work):
+    """`work`'s result, or None once the client has gone away: then `work` is cancelled,
+    which cancels its engine request and frees its row (starlette cancels only streams)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()  # the client went away (or this handler was cancelled): so does the request
+    return task.result() if task.done() else None
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body is read: receive() waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _json(request: Request):
