@@ -9,7 +9,8 @@ USER loramux
 RUN if [ -n "$TORCH_INDEX" ]; then \
       python -m venv .venv && .venv/bin/pip install -q "torch==2.13.0" --index-url "$TORCH_INDEX"; \
     fi && scripts/setup.sh && .venv/bin/loramux build-model
-ENV LORAMUX_HOST=0.0.0.0 LORAMUX_ADAPTER_DIR=/app/adapters
-EXPOSE 50051 9090
+# gRPC on 50051, the OpenAI-compatible HTTP routes on 8000 (LORAMUX_HTTP_PORT=0: off), metrics on 9090.
+ENV LORAMUX_HOST=0.0.0.0 LORAMUX_ADAPTER_DIR=/app/adapters LORAMUX_HTTP_PORT=8000
+EXPOSE 50051 8000 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s CMD [".venv/bin/loramux", "health"]
 CMD ["scripts/serve.sh"]
