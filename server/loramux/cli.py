@@ -172,6 +172,10 @@ def _serve(args) -> int:
     if args.ray_replicas > 0:
         from loramux.ray_serve import run_local
 
+        if cfg.http_port:  # replicas run engines, not servers: Ray Serve's proxy is the ingress
+            logging.getLogger("loramux").warning("--http-port is not served with --ray-replicas; "
+                                                 "Ray Serve's HTTP proxy on --port is the ingress")
+
         return run_local(cfg, args.ray_replicas)
     return serve(cfg)
 

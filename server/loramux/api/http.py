@@ -86,7 +86,7 @@ class OpenAIRoutes:
     async def completions(self, request: Request):
         return await self._generate(request, oa.CompletionRequest)
 
-    async def _generate(self, request: Request, kind: type[oa._Common]):
+    async def _generate(self, request: Request, kind: type[oa.OpenAIRequest]):
         try:
             body = oa.parse(kind, await _json(request))
             wire = body.to_pb("" if body.model == self.model_name else body.model)

@@ -28,7 +28,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class OpenAIRequest(BaseModel):
     """Fields both routes take; unknown fields are kept to be refused by name (`unsupported`)."""
 
     model_config = ConfigDict(extra="allow")
@@ -94,7 +94,7 @@ class Message(BaseModel):
         return ROLES.get(self.role, self.role), content
 
 
-class ChatRequest(_Common):
+class ChatRequest(OpenAIRequest):
     messages: list[Message]
     max_completion_tokens: U32 | None = None
     logprobs: bool = False
@@ -111,7 +111,7 @@ class ChatRequest(_Common):
         return pb.GenerateRequest(adapter_id=adapter_id, messages=messages, params=self.sampling(max_tokens, top))
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(OpenAIRequest):
     prompt: str | list[str]
     logprobs: U32 | None = None  # how many alternatives per token
     echo: bool = False
@@ -133,7 +133,7 @@ class CompletionRequest(_Common):
                                                                                              self.logprobs))
 
 
-def parse(kind: type[_Common], body: Any) -> _Common:
+def parse(kind: type[OpenAIRequest], body: Any) -> OpenAIRequest:
     """Validate a JSON body; InvalidArgument names each bad field and every unsupported one."""
     try:
         request = kind.model_validate(body)
