@@ -277,8 +277,19 @@ def test_client_disconnect_frees_its_row(server):
         with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting
             http.post("/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
         wait_running(server)
+        with server.client() as client:  # a stream still queued (no headers yet) when its client leaves
+            busy = long_grpc_streams(server, client, 4)
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/v1/chat/completions", json=body, timeout=1.0)
+            end = time.monotonic() + 10
+            while server.metrics()["loramux_queue_depth"] > 0:  # it leaves the queue, never admitted
+                assert time.monotonic() < end
+                time.sleep(0.05)
+            for s in busy:
+                s.cancel()
+        wait_running(server)
     end = time.monotonic() + 5
-    while server.metrics().get('loramux_requests_total{frontend="http",status="CANCELLED"}', 0) < before + 4:
+    while server.metrics().get('loramux_requests_total{frontend="http",status="CANCELLED"}', 0) < before + 5:
         assert time.monotonic() < end
         time.sleep(0.05)
 

@@ -23,7 +23,7 @@ from loramux.api.interceptor import status_of
 from loramux.api.servicers import GenerationServicer
 from loramux.engine.engine import Engine
 from loramux.engine.request import Event
-from loramux.errors import InvalidArgument, LoramuxError, Unauthenticated
+from loramux.errors import Cancelled, InvalidArgument, LoramuxError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +93,24 @@ class OpenAIRoutes:
             req = self.generation.submit(wire, None)
             answer = oa.Answer(kind is oa.ChatRequest, body.model, wire.params.HasField("top_logprobs"))
             if body.stream:
-                events = self.engine.events(req)
-                # The first event is awaited here so that a request that fails before its
-                # first token (its adapter does not load, ...) gets its HTTP status.
-                first = await anext(events)
-                usage = body.stream_options is not None and body.stream_options.include_usage
-                return EventSourceResponse(self._stream(answer, req, first, events, usage),
-                                           headers={"Cache-Control": "no-cache"})
+                return await self._start_stream(request, body, answer, req)
             done = await _unless_disconnected(request, self.engine.complete(req))
-            if done is None:
-                self._count("CANCELLED")
-                return None  # nobody is left to answer
         except Exception as exc:
             status, response = error_response(exc)
             self._count(status)
             return response
         self._count("OK")
         return answer.full(done.text, done.finish, done.logprobs, len(req.prompt_ids), len(done.token_ids))
+
+    async def _start_stream(self, request: Request, body: oa.OpenAIRequest, answer: oa.Answer,
+                            req) -> EventSourceResponse:
+        """The first event is awaited before the response starts, so that a request that fails
+        before its first token (its adapter does not load, ...) keeps its HTTP status."""
+        events = self.engine.events(req)
+        first = await _unless_disconnected(request, anext(events))
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventSourceResponse(self._stream(answer, req, first, events, usage),
+                                   headers={"Cache-Control": "no-cache"})
 
     async def _stream(self, answer: oa.Answer, req, first: Event, events: AsyncIterator[Event],
                       usage: bool) -> AsyncIterator[bytes]:
@@ -131,6 +132,7 @@ class OpenAIRoutes:
         except Exception as exc:  # after the headers: the error travels as an event, as vLLM sends it
             status, response = error_response(exc)
             yield sse(json.loads(response.body))
+            yield sse("[DONE]")
         finally:
             await events.aclose()
             self._count(status)
@@ -171,8 +173,9 @@ class OpenAIRoutes:
 
 
 async def _unless_disconnected(request: Request, work):
-    """`work`'s result, or None once the client has gone away: then `work` is cancelled,
-    which cancels its engine request and frees its row (starlette cancels only streams)."""
+    """`work`'s result; if the client goes away first, `work` is cancelled (and with it the
+    engine request: its row is freed) and Cancelled raised (starlette cancels only a
+    response that has started streaming)."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnect(request))
     try:
@@ -181,7 +184,9 @@ async def _unless_disconnected(request: Request, work):
         gone.cancel()
         if not task.done():
             task.cancel()  # the client went away (or this handler was cancelled): so does the request
-    return task.result() if task.done() else None
+    if not task.done():
+        raise Cancelled("the client disconnected")
+    return task.result()
 
 
 async def _disconnect(request: Request) -> None:
