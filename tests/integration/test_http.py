@@ -16,6 +16,7 @@ import httpx2 as httpx  # the HTTP client the openai SDK itself uses
 import openai
 import pytest
 
+from loramux.client import Client, Retry
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from tests.server import ServerProcess, free_port
 
@@ -220,6 +221,12 @@ def test_models_and_admin_routes(server, adapter_store):
         admin = {"authorization": f"Bearer {TOKEN}"}
         assert http.post("/v1/load_lora_adapter", json=load, headers=admin).json()["id"] == "r32-kv"
         expect_error(http.post("/v1/load_lora_adapter", json=load, headers=admin), 409)
+        outside = {"lora_name": "etc", "lora_path": "/etc"}  # not under an allowed root
+        msg = expect_error(http.post("/v1/load_lora_adapter", json=outside, headers=admin), 403)
+        with Client(server.address, admin_token=TOKEN, retry=Retry(attempts=1)) as admin_client, \
+                pytest.raises(grpc.RpcError) as err:
+            admin_client.register("etc", "/etc")
+        assert msg == err.value.details()  # the same message as gRPC
         assert "r32-kv" in {m["id"] for m in http.get("/v1/models").json()["data"]}
         answer = http.post("/v1/completions", json={"model": "r32-kv", "prompt": "hi", "max_tokens": 3}).json()
         assert answer["usage"]["completion_tokens"] >= 1
