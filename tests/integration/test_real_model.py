@@ -18,7 +18,7 @@ import pytest
 
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from tests.adapters import make_adapter
-from tests.server import ServerProcess
+from tests.server import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMOS = ("uppercase", "json", "signoff")
@@ -52,7 +52,7 @@ def server(tmp_path_factory, real_model_path, parity_adapters):
     for name, folder in parity_adapters.items():
         shutil.copytree(folder, work / "adapters" / name)
     srv = ServerProcess(work, "--model", str(real_model_path), "--adapter-dir", str(work / "adapters"),
-                        "--max-active-adapters", "4", "--max-batch-size", "16")
+                        "--max-active-adapters", "4", "--max-batch-size", "16", "--http-port", str(free_port()))
     yield srv
     srv.stop()
 
@@ -67,6 +67,22 @@ def test_chat_answers_a_capital_and_ends_at_end_of_turn(server):
     assert "Paris" in answer.text, answer.text
     assert answer.finish_reason == pb.FINISH_REASON_EOS
     assert answer.token_ids[-1] == 2 and "<|im_end|>" not in answer.text  # SmolLM2's end of turn
+
+
+def test_openai_sdk_answers_as_grpc(server, real_model_path):
+    """Issue 17 on the model users serve: the openai SDK, the adapter named as the model."""
+    import openai
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    with server.client() as client, openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused",
+                                                  max_retries=0) as oai:
+        for adapter_id in ("", "json"):
+            want = client.chat(question, adapter_id, max_new_tokens=48)
+            got = oai.chat.completions.create(model=adapter_id or str(real_model_path), messages=question,
+                                              max_tokens=48, temperature=0)
+            assert got.choices[0].message.content == want.text and "Paris" in want.text
+            assert got.usage.completion_tokens == want.generated_tokens
+    assert _json_answer(want.text)
 
 
 def capitals(text: str) -> bool:
@@ -123,13 +139,21 @@ def test_chat_in_mixed_batches_matches_peft(server, real_model_path, parity_adap
     adapters = ("", *PARITY)
     jobs = [(adapters[i % len(adapters)], QUESTIONS[i % len(QUESTIONS)]) for i in range(30)]
     with server.client() as client, ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(pool.map(lambda job: chat(client, job[1], job[0], max_new_tokens=24), jobs))
+        # Every third request also asks for logprobs (issue 17), beside rows that do not.
+        answers = list(pool.map(lambda i: client.chat([{"role": "user", "content": jobs[i][1]}], jobs[i][0],
+                                                      max_new_tokens=24, top_logprobs=2 if i % 3 == 0 else None),
+                                range(len(jobs))))
     reference = PeftReference(real_model_path, parity_adapters)
     for (adapter_id, question), answer in zip(jobs, answers, strict=True):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                                add_generation_prompt=True)
         expected = reference.generate(adapter_id, prompt, 24)
         assert list(answer.token_ids) == expected, (adapter_id, question, answer.text)
+        if answer.logprobs:  # PEFT's log_softmax of the same forward
+            ref = reference.logprobs(adapter_id, prompt, expected)
+            got = [lp.logprob for lp in answer.logprobs]
+            assert max(abs(g - ref[i, t].item()) for i, (g, t) in enumerate(zip(got, expected, strict=True))) < 1e-4
+    assert sum(bool(a.logprobs) for a in answers) == 10
     # The template's default system prompt came from the prefix cache (issue 16) for the
     # adapters' later requests, and the answers are still PEFT's.
     hits = {a for (a, _), answer in zip(jobs, answers, strict=True) if answer.cached_prompt_tokens >= 16}
