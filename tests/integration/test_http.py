@@ -61,6 +61,7 @@ def test_sdk_answers_equal_grpc(server, oai, adapter_id):
         assert chat.choices[0].finish_reason == FINISH[want.finish_reason] and chat.model == model_of(adapter_id)
         assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (want.prompt_tokens, want.generated_tokens)
         assert chat.usage.total_tokens == want.prompt_tokens + want.generated_tokens
+        assert chat.usage.prompt_tokens_details.cached_tokens > 0  # the same prompt just went over gRPC
         chunks = list(oai.chat.completions.create(model=model_of(adapter_id), messages=CHAT, max_tokens=24,
                                                   temperature=0, stream=True, stream_options={"include_usage": True}))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text

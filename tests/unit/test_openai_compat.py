@@ -61,11 +61,13 @@ def test_nulls_and_text_format_are_not_refused():
 
 def test_answer_bodies():
     lps = [TokenLogprob(5, "Hi", -0.1, ((5, "Hi", -0.1), (6, "Yo", float("-inf")))), TokenLogprob(2, "</s>", -1.0)]
-    body = oa.Answer(True, "m", logprobs=True).full("Hi", Finish.EOS, lps, prompt_tokens=3, completion_tokens=2)
+    body = oa.Answer(True, "m", logprobs=True).full("Hi", Finish.EOS, lps, prompt_tokens=3, completion_tokens=2,
+                                                    cached_tokens=1)
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hi"}
     assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                             "prompt_tokens_details": {"cached_tokens": 1}}  # from the prefix cache
     top = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
     assert top == [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105]},
                    {"token": "Yo", "logprob": oa.LOWEST_LOGPROB, "bytes": [89, 111]}]  # JSON has no -inf

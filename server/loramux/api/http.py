@@ -100,7 +100,8 @@ class OpenAIRoutes:
             self._count(status)
             return response
         self._count("OK")
-        return answer.full(done.text, done.finish, done.logprobs, len(req.prompt_ids), len(done.token_ids))
+        return answer.full(done.text, done.finish, done.logprobs, len(req.prompt_ids), len(done.token_ids),
+                           req.cached_tokens)
 
     async def _start_stream(self, request: Request, body: oa.OpenAIRequest, answer: oa.Answer,
                             req) -> EventSourceResponse:
@@ -126,7 +127,7 @@ class OpenAIRoutes:
                     break
                 event = await anext(events)
             if usage:
-                yield sse(answer.usage_chunk(len(req.prompt_ids), n))
+                yield sse(answer.usage_chunk(len(req.prompt_ids), n, req.cached_tokens))
             yield sse("[DONE]")
             status = "OK"
         except Exception as exc:  # after the headers: the error travels as an event, as vLLM sends it

@@ -183,7 +183,7 @@ class Answer:
                 **extra}
 
     def full(self, text: str, finish: Finish | None, logprobs: list[TokenLogprob], prompt_tokens: int,
-             completion_tokens: int) -> dict:
+             completion_tokens: int, cached_tokens: int = 0) -> dict:
         """The whole answer (stream: false)."""
         choice = {"index": 0, "finish_reason": FINISH[finish], "logprobs": self._logprobs(logprobs)}
         if self.chat:
@@ -191,7 +191,7 @@ class Answer:
         else:
             choice["text"] = text
         return self._body("chat.completion" if self.chat else "text_completion", [choice],
-                          usage=usage(prompt_tokens, completion_tokens))
+                          usage=usage(prompt_tokens, completion_tokens, cached_tokens))
 
     def chunk(self, text: str, finish: Finish | None, logprobs: list[TokenLogprob], first: bool = False) -> dict:
         """One streamed piece; a chat's first piece also opens the assistant's message."""
@@ -202,10 +202,10 @@ class Answer:
             choice["text"] = text
         return self._body("chat.completion.chunk" if self.chat else "text_completion", [choice])
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         """The last chunk when stream_options.include_usage: no choices, the usage."""
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._body(kind, [], usage=usage(prompt_tokens, completion_tokens))
+        return self._body(kind, [], usage=usage(prompt_tokens, completion_tokens, cached_tokens))
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> dict | None:
         if not self.logprobs:
@@ -217,9 +217,11 @@ class Answer:
         return out
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; prompt tokens taken from the prefix cache are its `cached_tokens`."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def model_card(model_id: str, created: int, parent: str | None = None, root: str | None = None) -> dict:
