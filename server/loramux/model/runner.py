@@ -273,23 +273,27 @@ class Runner:
             mask[i, past + new - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-        cache = DynamicCache()
-        if past:
-            self._seed(cache, pasts, used, past)
+        cache = self._seeded(pasts, used, past, new) if past else DynamicCache()
         logits = self._forward(ids, mask, positions, cache, slots)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         return logits, Group(kv, mask, [len(p) for p in prompts], list(slots))
 
-    def _seed(self, cache: DynamicCache, pasts: list[torch.Tensor | None], used: list[int], width: int) -> None:
-        """Put each row's first `used[i]` cached tokens into `cache`, right-aligned to `width`."""
+    def _seeded(self, pasts: list[torch.Tensor | None], used: list[int], width: int, new: int) -> DynamicCache:
+        """A cache holding each row's first `used[i]` cached tokens right-aligned to `width`
+        columns, with room for `new` more written in place by the forward (`RowLayer`):
+        DynamicLayer would copy the whole cache again to append them."""
         first = next(p for p in pasts if p is not None)
         layers, _, heads, _, dim = first.shape
-        kv = torch.zeros(layers, 2, len(pasts), heads, width, dim, dtype=first.dtype, device=first.device)
+        kv = torch.empty(layers, 2, len(pasts), heads, width + new, dim, dtype=first.dtype, device=first.device)
         for i, (p, q) in enumerate(zip(pasts, used, strict=True)):
+            kv[:, :, i, :, :width - q] = 0  # padding: masked, but it must be finite (0 x NaN is NaN)
             if q:
-                kv[:, :, i, :, width - q:] = p[:, :, :, :q]
-        for layer in range(layers):
-            cache.update(kv[layer, 0], kv[layer, 1], layer)
+                kv[:, :, i, :, width - q:width] = p[:, :, :, :q]
+        cache = DynamicCache()
+        cache.layers = [RowLayer(kv[layer, 0], kv[layer, 1]) for layer in range(layers)]
+        for layer in cache.layers:
+            layer.expose(len(pasts), 0, width)
+        return cache
 
     @staticmethod
     def row_kv(group: Group, row: int, length: int) -> Callable[[int, int], torch.Tensor]:
