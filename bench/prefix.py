@@ -10,11 +10,15 @@ on both one after the other:
 (3) no shared prefix: raw prompts of 100-300 tokens that share no first block, 32 new
     tokens, 32 clients: what the lookup costs when it never hits.
 
+and (1) again with one client (--idle-requests), each request's own time to first token.
+TTFT p50 of the loaded runs leaves out the first wave (all clients' first requests at
+once), as every bench here does; "all" includes it.
+
 Every request generates exactly its budget (ignore_eos). Targets: (1) throughput >= 3x
 and TTFT p50 <= 0.25x cache off; (2) turn-5 TTFT <= 1.5x turn 1 with the cache; (3) within
 5% of cache off.
 
-    python -m bench.prefix                 # full run (~10 minutes on 2 cores)
+    python -m bench.prefix                 # full run (~15 minutes on 2 cores)
     python -m bench.prefix --quick         # smoke run
 """
 
@@ -45,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--prefix-tokens", type=int, default=300, help="tokens of each adapter's system prompt")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--idle-requests", type=int, default=12, help="shared-prefix requests sent by one client")
     p.add_argument("--conversations", type=int, default=8, help="multi-turn conversations, all at once")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=c.SEED)
@@ -53,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: fewer requests and conversations")
     args = p.parse_args(argv)
     if args.quick:
-        args.requests, args.clients, args.conversations = 32, 16, 4
+        args.requests, args.clients, args.conversations, args.idle_requests = 32, 16, 4, 4
     return args
 
 
@@ -179,11 +184,13 @@ def main(argv=None) -> int:
             c.warm_up(servers[name].address)
         # Workload by workload, off then on: the two sides of a ratio run minutes apart, not the
         # whole script apart (this VM's speed drifts).
-        for workload in ("shared", "multi_turn", "unshared"):
+        for workload in ("shared", "idle", "multi_turn", "unshared"):
             for name, srv in servers.items():
                 c.wait_for_quiet(args.wait_quiet)
                 if workload == "multi_turn":
                     runs[name][workload] = multi_turn(srv, args)
+                elif workload == "idle":  # one client: a request's own TTFT, no queue in front of it
+                    runs[name][workload] = loaded(srv, shared[:args.idle_requests], 1)
                 else:
                     runs[name][workload] = loaded(srv, shared if workload == "shared" else unshared, args.clients)
                 print(f"cache {name:>3} {workload:>10}: {_line(runs[name][workload])}", flush=True)
@@ -201,20 +208,20 @@ def _line(r: dict) -> str:
     if "ttft_p50_ms_by_turn" in r:
         turns = " / ".join(f"{t:.0f}" for t in r["ttft_p50_ms_by_turn"])
         return f"TTFT p50 by turn {turns} ms, hit rate {r['hit_rate']:.2f}, errors {r['errors']}"
-    return (f"{r['tokens_per_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, hit rate {r['hit_rate']:.2f}, "
-            f"errors {r['errors']}")
+    return (f"{r['tokens_per_s']:.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms (first wave included "
+            f"{r['ttft_all_p50_ms']:.0f} ms), hit rate {r['hit_rate']:.2f}, errors {r['errors']}")
 
 
 def report(runs: dict) -> str:
     off, on = runs["off"], runs["on"]
     rows = []
-    for w in ("shared", "unshared"):
+    for w in ("shared", "idle", "unshared"):
         rows.append([w, off[w]["tokens_per_s"], on[w]["tokens_per_s"],
                      c.ratio(on[w]["tokens_per_s"], off[w]["tokens_per_s"]), off[w]["ttft_p50_ms"],
                      on[w]["ttft_p50_ms"], c.ratio(on[w]["ttft_p50_ms"], off[w]["ttft_p50_ms"]),
-                     on[w]["hit_rate"]])
+                     off[w]["ttft_all_p50_ms"], on[w]["ttft_all_p50_ms"], on[w]["hit_rate"]])
     lines = [c.table(["workload", "off tok/s", "on tok/s", "on/off", "off TTFT p50 ms", "on TTFT p50 ms",
-                      "TTFT on/off", "hit rate"], rows, 2)]
+                      "TTFT on/off", "off TTFT p50 ms, all", "on TTFT p50 ms, all", "hit rate"], rows, 2)]
     for name in ("off", "on"):
         m = runs[name]["multi_turn"]
         lines.append(f"multi-turn, cache {name}: TTFT p50 by turn "
