@@ -88,11 +88,12 @@ def question(tok, rng: random.Random, lo: int = 20, hi: int = 40) -> str:
     return _cut(tok, "Please explain: " + " ".join(words[start:start + 80]), rng.randint(lo, hi))
 
 
-def shared_requests(tok, args) -> list[c.BenchRequest]:
+def shared_requests(tok, args, count: int, stream: str = "shared") -> list[c.BenchRequest]:
+    """`count` questions after the adapters' system prompts (`stream` names the question draw)."""
     systems = system_prompts(tok, args.adapters, args.prefix_tokens, args.seed)
-    rng = random.Random(f"{args.seed}-shared")
+    rng = random.Random(f"{args.seed}-{stream}")
     out = []
-    for i in range(args.requests):
+    for i in range(count):
         a = rng.randrange(args.adapters)
         prompt = render(tok, systems[a], question(tok, rng))
         out.append(c.BenchRequest(i, c.adapter_id(a), prompt, count_tokens(tok, prompt), args.new_tokens, True))
@@ -169,7 +170,9 @@ def main(argv=None) -> int:
     tok = c.tokenizer()
     adapters = c.ensure_adapters(args.adapters)
     work = c.workdir("prefix")
-    shared, unshared = shared_requests(tok, args), unshared_requests(tok, args)
+    shared, unshared = shared_requests(tok, args, args.requests), unshared_requests(tok, args)
+    # Questions not asked before: only the system prompts can be in the cache.
+    idle = shared_requests(tok, args, args.idle_requests, "idle")
     print(f"commit {env['commit']} ({env['server_code']}), {env['date']}")
     print(f"model {c.MODEL_NAME} nf4, {args.adapters} adapters, {args.clients} clients, {args.requests} requests, "
           f"system prompts {args.prefix_tokens} tokens, prompts {min(r.prompt_tokens for r in shared)}-"
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
                 if workload == "multi_turn":
                     runs[name][workload] = multi_turn(srv, args)
                 elif workload == "idle":  # one client: a request's own TTFT, no queue in front of it
-                    runs[name][workload] = loaded(srv, shared[:args.idle_requests], 1)
+                    runs[name][workload] = loaded(srv, idle, 1)
                 else:
                     runs[name][workload] = loaded(srv, shared if workload == "shared" else unshared, args.clients)
                 print(f"cache {name:>3} {workload:>10}: {_line(runs[name][workload])}", flush=True)
