@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -74,10 +75,15 @@ class Retry:
 
 def sampling(max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float | None = None,
              top_k: int = 0, seed: int = 0, stop: list[str] | None = None,
-             ignore_eos: bool = False, top_logprobs: int | None = None) -> pb.SamplingParams:
-    """`top_logprobs` set (even 0): the answer carries each token's logprob and that many alternatives."""
+             ignore_eos: bool = False, top_logprobs: int | None = None, json_schema: str | Mapping | None = None,
+             regex: str = "", choice: Iterable[str] = ()) -> pb.SamplingParams:
+    """`top_logprobs` set (even 0): the answer carries each token's logprob and that many alternatives.
+    `json_schema` may be a dict (sent as its JSON text)."""
+    if isinstance(json_schema, Mapping):
+        json_schema = json.dumps(json_schema)
     params = pb.SamplingParams(temperature=temperature, top_k=top_k, seed=seed, stop=stop or [],
-                               ignore_eos=ignore_eos)
+                               ignore_eos=ignore_eos, json_schema=json_schema or "", regex=regex,
+                               choice=list(choice))
     if max_new_tokens is not None:
         params.max_new_tokens = max_new_tokens
     if top_p is not None:

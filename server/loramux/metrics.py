@@ -19,6 +19,7 @@ disable_created_metrics()  # the *_created series only add noise to every scrape
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_GRAMMAR = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _SIZE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -66,6 +67,12 @@ class Metrics:
         self.prefix_cache_evictions = counter("prefix_cache_evictions", "Prefix cache blocks evicted for room")
         self.model_memory = gauge("model_memory_bytes", "Base model weights and buffers, bytes")
         self.lora_slot_memory = gauge("lora_slot_memory_bytes", "Stacked LoRA slot tensors on the device, bytes")
+        self.grammar_compile_seconds = histogram("grammar_compile_seconds", "Compiling a structured-output "
+                                                 "constraint not in the cache", _GRAMMAR)
+        self.grammar_cache_hits = counter("grammar_cache_hits", "Constrained requests whose grammar was cached")
+        self.grammar_cache_misses = counter("grammar_cache_misses", "Constrained requests whose grammar was compiled")
+        self.grammar_mask_seconds = histogram("grammar_mask_seconds", "Token masks of one step's constrained rows: "
+                                              "computing (on the helper thread or not) and applying", _GRAMMAR)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP; return the bound port (useful with port 0)."""

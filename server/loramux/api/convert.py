@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from loramux.engine.request import Event, Finish, Params, TokenLogprob
+from loramux.engine.request import Constraint, Event, Finish, Params, TokenLogprob
 from loramux.errors import InvalidArgument
 from loramux.lora.store import AdapterRecord
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
@@ -30,9 +30,13 @@ def params_from_pb(req: pb.GenerateRequest, default_max_new: int, limit: int) ->
     stop = tuple(p.stop)
     if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
         raise InvalidArgument(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
+    constraint = constraint_from_pb(p)
+    if constraint is not None and p.ignore_eos:
+        raise InvalidArgument(f"ignore_eos cannot be combined with {constraint.kind}: a constrained answer ends "
+                              "where its grammar lets it")
     return Params(max_new_tokens=max_new, temperature=float(p.temperature), top_p=float(top_p),
                   top_k=int(p.top_k), seed=int(p.seed) or None, stop=stop, ignore_eos=p.ignore_eos,
-                  top_logprobs=top_logprobs_from_pb(p))
+                  top_logprobs=top_logprobs_from_pb(p), constraint=constraint)
 
 
 def top_logprobs_from_pb(p: pb.SamplingParams) -> int | None:
@@ -42,6 +46,21 @@ def top_logprobs_from_pb(p: pb.SamplingParams) -> int | None:
     if p.top_logprobs > MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {p.top_logprobs}")
     return int(p.top_logprobs)
+
+
+def constraint_from_pb(p: pb.SamplingParams) -> Constraint | None:
+    """The structured-output constraint of a request (at most one of the three), or None;
+    whether it compiles is the engine's check (it needs the tokenizer)."""
+    given = [name for name, on in (("json_schema", p.json_schema), ("regex", p.regex), ("choice", p.choice)) if on]
+    if len(given) > 1:
+        raise InvalidArgument(f"set at most one of json_schema, regex and choice, got {' and '.join(given)}")
+    if not given:
+        return None
+    if given[0] == "choice":
+        if not all(p.choice):
+            raise InvalidArgument("choice strings must not be empty")
+        return Constraint("choice", choices=tuple(p.choice))
+    return Constraint(given[0], text=getattr(p, given[0]))
 
 
 def messages_from_pb(req: pb.GenerateRequest) -> tuple[tuple[str, str], ...] | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramux import faults
+from loramux.engine.constraints import MaskPipeline
 from loramux.engine.request import Completion, Event, Finish, Outbox, Params, Request, TokenLogprob
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.stream import TextStream
@@ -44,6 +45,7 @@ from loramux.lora import registry_file
 from loramux.lora.slots import AdapterSlots, SlotsFull
 from loramux.lora.store import AdapterRecord, AdapterStore
 from loramux.model.chat import render_chat
+from loramux.model.grammar import Grammars
 from loramux.model.logprobs import token_logprobs
 from loramux.model.prefix import BASE, BLOCK, PrefixCache
 from loramux.model.runner import Batch, Group, Runner, merge, set_threads
@@ -65,6 +67,8 @@ class Row:
     parked: bool = False  # on the shelf: its adapter gave its slot up (no pin held)
     namespace: str = BASE  # the identity of the weights its keys and values are made with
     past: object = None  # keys and values of its prompt's cached prefix, until prefilled
+    grammar: object = None  # structured output: the row's RowGrammar, None for free text
+    stuck: bool = False  # its grammar cannot take another token: it ends (LENGTH)
 
     @property
     def hit(self) -> int:
@@ -114,11 +118,14 @@ class Engine:
         self._torch_threads = torch_threads  # torch's team size is per thread: the worker sets its own
         self._threads = [threading.Thread(target=self._loop, name="loramux-engine", daemon=True)]
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="loramux-prefetch")
+        self.grammars = Grammars(runner.tokenizer, int(runner.model.config.vocab_size), runner.eos_ids)
+        self.masks = MaskPipeline(metrics)
 
     # --- called from the gRPC event loop -------------------------------------------------
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+        self._prefetch.submit(self.grammars.tokenizer)  # ~0.7 s, off the first constrained request
 
     def submit(self, adapter_id: str, prompt: str, params: Params, request_id: str,
                timeout: float | None, messages: Sequence[tuple[str, str]] | None = None) -> Request:
@@ -148,6 +155,8 @@ class Engine:
             )
         deadline = time.monotonic() + timeout if timeout is not None else None
         req = Request(adapter_id, ids, params, request_id, deadline, asyncio.get_running_loop())
+        if params.constraint is not None:
+            req.grammar = self._compile(params.constraint)
         req.inject_fault = faults.marked(prompt)
         with self._lock:
             if self.scheduler.full():
@@ -160,6 +169,15 @@ class Engine:
             self._prefetch.submit(self.slots.prefetch, adapter_id)
         self._wake.set()
         return req
+
+    def _compile(self, c) -> object:
+        """A matcher for a request's constraint (the cache's, or compiled now); raises
+        InvalidArgument with the compiler's reason."""
+        grammar, hit = self.grammars.compile(c.kind, c.text, c.choices)
+        (self.metrics.grammar_cache_hits if hit else self.metrics.grammar_cache_misses).inc()
+        if not hit:
+            self.metrics.grammar_compile_seconds.observe(self.grammars.last_compile_s)
+        return grammar
 
     def cancel(self, req: Request) -> None:
         req.cancelled = True
@@ -237,6 +255,7 @@ class Engine:
         for thread in self._threads:
             thread.join(timeout=10)
         self._prefetch.shutdown(wait=False, cancel_futures=True)
+        self.masks.stop()
 
     # --- the worker thread ----------------------------------------------------------------
     def _loop(self) -> None:
@@ -284,8 +303,7 @@ class Engine:
         self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in self.rows if r.req.adapter_id}))
         try:
             logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows])
-            tokens = sample(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows])
-            logprobs = self._logprobs(self.rows, logits, tokens)
+            tokens, logprobs = self._sample(self.rows, logits)
         except Exception as exc:
             log.exception("decode step failed")
             self._fail_rows(dict.fromkeys(range(len(self.rows)), Internal(f"model step failed: {exc}")))
@@ -388,7 +406,7 @@ class Engine:
         p = req.params
         sampling = Sampling(p.temperature, p.top_p, p.top_k, p.seed)
         gen = make_generator(sampling, self.runner.device)
-        row = Row(req, TextStream(self.runner.tokenizer, p.stop), sampling, gen, slot)
+        row = Row(req, TextStream(self.runner.tokenizer, p.stop), sampling, gen, slot, grammar=req.grammar)
         if self.prefix is not None:
             row.namespace = self.slots.identity(slot) if req.adapter_id else BASE
         return row
@@ -451,8 +469,7 @@ class Engine:
     def _first_tokens(self, rows: list[Row], logits, group: Group) -> None:
         """Sample and stream the first token of each prefilled row; queue them to join."""
         try:
-            tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
-            logprobs = self._logprobs(rows, logits, tokens)
+            tokens, logprobs = self._sample(rows, logits)
         except Exception as exc:
             log.exception("prefill failed")
             self._fail_prefilled(rows, exc)
@@ -466,6 +483,19 @@ class Engine:
             self._fail_prefilled([r for r in rows if not r.req.done], exc)
             return
         self._prefilled.append((rows, group))
+
+    def _sample(self, rows: list[Row], logits) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token per row, constrained rows only among what their grammars allow, and the
+        logprobs of the rows that asked, from the raw logits (before the masks, as before
+        temperature: the masks write into `logits`, so those are copied when both are wanted)."""
+        grammars = [r.grammar for r in rows]
+        wanted = any(r.req.params.top_logprobs is not None for r in rows)
+        raw = logits.clone() if wanted and any(g is not None for g in grammars) else logits
+        self.masks.mask(logits, grammars)
+        tokens = sample(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        for row, stuck in zip(rows, self.masks.advance(grammars, tokens), strict=True):
+            row.stuck = stuck
+        return tokens, self._logprobs(rows, raw, tokens)
 
     def _fail_prefilled(self, rows: list[Row], exc: Exception) -> None:
         for row in rows:
@@ -512,7 +542,7 @@ class Engine:
         req = row.req
         if token in self.runner.eos_ids and not req.params.ignore_eos:
             return Finish.EOS
-        if len(req.generated) >= req.params.max_new_tokens:
+        if len(req.generated) >= req.params.max_new_tokens or row.stuck:  # stuck: its grammar cannot go on
             return Finish.LENGTH
         if len(req.prompt_ids) + len(req.generated) >= self.max_model_len:
             return Finish.LENGTH

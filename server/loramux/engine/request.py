@@ -19,6 +19,16 @@ class Finish(Enum):
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What a request's answer must be: kind "json_schema" or "regex" with its text, or
+    "choice" with the strings (structured output; compiled by `loramux.model.grammar`)."""
+
+    kind: str
+    text: str = ""
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Params:
     """Validated sampling settings of one request."""
 
@@ -30,6 +40,7 @@ class Params:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate to max_new_tokens even past EOS
     top_logprobs: int | None = None  # None: no logprobs; k: each token's and the k likeliest
+    constraint: Constraint | None = None  # structured output, or free text
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cancelled: bool = False
     done: bool = False
+    grammar: object = None  # its constraint's matcher (model.grammar.RowGrammar), compiled at submit
     inject_fault: str = ""  # "step" or "crash": set only by fault-injection tests (loramux.faults)
 
     def expired(self, now: float) -> bool:

@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loramux/v1/loramux.proto\x12\nloramux.v1\"\xde\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x0f\n\r_top_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa0\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.loramux.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.loramux.v1.TopLogprob\"\xf3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\"\x96\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\":\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x88\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06source\x18\x07 \x01(\t\".\n\x18UnregisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"/\n\x19UnregisterAdapterResponse\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x15\n\x13ListAdaptersRequest\"t\n\x14UploadAdapterRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.loramux.v1.UploadHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.loramux.v1.UploadChunkH\x00\x42\x06\n\x04part\"G\n\x0cUploadHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\".\n\x0bUploadChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xa8\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x32\xe4\x02\n\x0f\x41\x64\x61pterRegistry\x12N\n\x0fRegisterAdapter\x12\".loramux.v1.RegisterAdapterRequest\x1a\x17.loramux.v1.AdapterInfo\x12`\n\x11UnregisterAdapter\x12$.loramux.v1.UnregisterAdapterRequest\x1a%.loramux.v1.UnregisterAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12L\n\rUploadAdapter\x12 .loramux.v1.UploadAdapterRequest\x1a\x17.loramux.v1.AdapterInfo(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loramux/v1/loramux.proto\x12\nloramux.v1\"\x92\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x13\n\x0bjson_schema\x18\t \x01(\t\x12\r\n\x05regex\x18\n \x01(\t\x12\x0e\n\x06\x63hoice\x18\x0b \x03(\tB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x0f\n\r_top_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa0\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.loramux.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.loramux.v1.TopLogprob\"\xf3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\"\x96\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.loramux.v1.TokenLogprob\":\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x88\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06source\x18\x07 \x01(\t\".\n\x18UnregisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"/\n\x19UnregisterAdapterResponse\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x15\n\x13ListAdaptersRequest\"t\n\x14UploadAdapterRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.loramux.v1.UploadHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.loramux.v1.UploadChunkH\x00\x42\x06\n\x04part\"G\n\x0cUploadHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\".\n\x0bUploadChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"A\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.loramux.v1.AdapterInfo*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xa8\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x32\xe4\x02\n\x0f\x41\x64\x61pterRegistry\x12N\n\x0fRegisterAdapter\x12\".loramux.v1.RegisterAdapterRequest\x1a\x17.loramux.v1.AdapterInfo\x12`\n\x11UnregisterAdapter\x12$.loramux.v1.UnregisterAdapterRequest\x1a%.loramux.v1.UnregisterAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12L\n\rUploadAdapter\x12 .loramux.v1.UploadAdapterRequest\x1a\x17.loramux.v1.AdapterInfo(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loramux.v1.loramux_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1665
-  _globals['_FINISHREASON']._serialized_end=1783
+  _globals['_FINISHREASON']._serialized_start=1717
+  _globals['_FINISHREASON']._serialized_end=1835
   _globals['_SAMPLINGPARAMS']._serialized_start=41
-  _globals['_SAMPLINGPARAMS']._serialized_end=263
-  _globals['_CHATMESSAGE']._serialized_start=265
-  _globals['_CHATMESSAGE']._serialized_end=309
-  _globals['_GENERATEREQUEST']._serialized_start=312
-  _globals['_GENERATEREQUEST']._serialized_end=472
-  _globals['_TOPLOGPROB']._serialized_start=474
-  _globals['_TOPLOGPROB']._serialized_end=536
-  _globals['_TOKENLOGPROB']._serialized_start=538
-  _globals['_TOKENLOGPROB']._serialized_end=639
-  _globals['_GENERATERESPONSE']._serialized_start=642
-  _globals['_GENERATERESPONSE']._serialized_end=885
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=888
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1038
-  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1040
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1098
-  _globals['_ADAPTERINFO']._serialized_start=1101
-  _globals['_ADAPTERINFO']._serialized_end=1237
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=1239
-  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=1285
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=1287
-  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=1334
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1336
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1357
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1359
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1475
-  _globals['_UPLOADHEADER']._serialized_start=1477
-  _globals['_UPLOADHEADER']._serialized_end=1548
-  _globals['_UPLOADCHUNK']._serialized_start=1550
-  _globals['_UPLOADCHUNK']._serialized_end=1596
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1598
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1663
-  _globals['_GENERATION']._serialized_start=1786
-  _globals['_GENERATION']._serialized_end=1954
-  _globals['_ADAPTERREGISTRY']._serialized_start=1957
-  _globals['_ADAPTERREGISTRY']._serialized_end=2313
+  _globals['_SAMPLINGPARAMS']._serialized_end=315
+  _globals['_CHATMESSAGE']._serialized_start=317
+  _globals['_CHATMESSAGE']._serialized_end=361
+  _globals['_GENERATEREQUEST']._serialized_start=364
+  _globals['_GENERATEREQUEST']._serialized_end=524
+  _globals['_TOPLOGPROB']._serialized_start=526
+  _globals['_TOPLOGPROB']._serialized_end=588
+  _globals['_TOKENLOGPROB']._serialized_start=590
+  _globals['_TOKENLOGPROB']._serialized_end=691
+  _globals['_GENERATERESPONSE']._serialized_start=694
+  _globals['_GENERATERESPONSE']._serialized_end=937
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=940
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1090
+  _globals['_REGISTERADAPTERREQUEST']._serialized_start=1092
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1150
+  _globals['_ADAPTERINFO']._serialized_start=1153
+  _globals['_ADAPTERINFO']._serialized_end=1289
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_start=1291
+  _globals['_UNREGISTERADAPTERREQUEST']._serialized_end=1337
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_start=1339
+  _globals['_UNREGISTERADAPTERRESPONSE']._serialized_end=1386
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1388
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1409
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1411
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1527
+  _globals['_UPLOADHEADER']._serialized_start=1529
+  _globals['_UPLOADHEADER']._serialized_end=1600
+  _globals['_UPLOADCHUNK']._serialized_start=1602
+  _globals['_UPLOADCHUNK']._serialized_end=1648
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1650
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1715
+  _globals['_GENERATION']._serialized_start=1838
+  _globals['_GENERATION']._serialized_end=2006
+  _globals['_ADAPTERREGISTRY']._serialized_start=2009
+  _globals['_ADAPTERREGISTRY']._serialized_end=2365
 # @@protoc_insertion_point(module_scope)
