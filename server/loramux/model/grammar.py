@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from cachetools import LRUCache
 
@@ -29,7 +30,6 @@ CACHE_SIZE = 256
 # JSON as a small model writes it best: one space after ':' and ',' and nowhere else. Free
 # whitespace lets a model pad an answer with newlines until max_new_tokens (vLLM #12566).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class Grammars:
@@ -74,15 +74,26 @@ class Grammars:
         import llguidance
 
         started = time.perf_counter()
-        grammar = _grammar(kind, text, choices)
+        grammar = _grammar(kind, text, self._choice_tokens(choices))
         matcher = llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise InvalidArgument(f"{kind} does not compile: {_first_lines(matcher.get_error())}")
         self.last_compile_s = time.perf_counter() - started
         return matcher
 
+    def _choice_tokens(self, choices: tuple[str, ...]) -> list[list[int] | str]:
+        """Each choice as the tokens the tokenizer makes of it, or as text where those
+        tokens do not decode back to it. Token by token, greedy decoding then weighs
+        "Paris" against "London" whole: as text, any spelling is allowed, and a first
+        token "L" (of "L"+"ondon") can outweigh "Paris" while a full "London" would not."""
+        out: list[list[int] | str] = []
+        for c in dict.fromkeys(choices):
+            ids = self._hf(c, add_special_tokens=False).input_ids
+            out.append(ids if ids and self._hf.decode(ids) == c else c)
+        return out
 
-def _grammar(kind: str, text: str, choices: tuple[str, ...]) -> str:
+
+def _grammar(kind: str, text: str, choices: list[list[int] | str]) -> str:
     """The llguidance grammar of a constraint (not yet checked: the matcher does that)."""
     import llguidance
 
@@ -99,8 +110,9 @@ def _grammar(kind: str, text: str, choices: tuple[str, ...]) -> str:
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(text)
     if kind == "choice":
-        # Lark string literals take JSON's escapes; one alternative per choice.
-        return "start: " + " | ".join(json.dumps(c) for c in dict.fromkeys(choices))
+        # One alternative per choice: its tokens (<[id]>) or a Lark string literal (JSON's escapes).
+        return "start: " + " | ".join(json.dumps(c) if isinstance(c, str) else "".join(f"<[{t}]>" for t in c)
+                                      for c in choices)
     raise InvalidArgument(f"unknown constraint kind {kind!r}")
 
 
@@ -109,18 +121,26 @@ def _first_lines(error: str, n: int = 6) -> str:
 
 
 class RowGrammar:
-    """Owns one row's matcher and its next-token mask (one bit per vocabulary entry)."""
+    """Owns one row's matcher and its next-token mask, in the two forms `apply_masks` needs."""
 
     def __init__(self, matcher, vocab_size: int) -> None:
         self.matcher = matcher
-        self.mask = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)  # [vocab / 32]
+        self.vocab_size = vocab_size
+        self.bits = np.full(((vocab_size + 31) // 32,), -1, dtype=np.int32)  # [vocab / 32]: llguidance's mask
+        self.keep = np.full(vocab_size, -1, dtype=np.int32)  # [vocab]: all bits set where allowed, else 0
+        self.ban = np.zeros(vocab_size, dtype=np.int32)  # [vocab]: the bits of -inf where not allowed, else 0
         self.fresh = False  # the mask is for the current state
 
     def fill(self) -> None:
-        """Compute the mask of the next token (llguidance drops the GIL meanwhile)."""
-        if not self.fresh:
-            self.matcher.unsafe_compute_mask_ptr(self.mask.data_ptr(), self.mask.numel() * 4)
-            self.fresh = True
+        """Compute the mask of the next token (llguidance drops the GIL meanwhile) and
+        unpack it, so that applying it is two bitwise passes over the row's logits."""
+        if self.fresh:
+            return
+        self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
+        allowed = np.unpackbits(self.bits.view(np.uint8), count=self.vocab_size, bitorder="little")
+        np.subtract(0, allowed, out=self.keep, dtype=np.int32)
+        np.bitwise_and(_NEG_INF_BITS, ~self.keep, out=self.ban)
+        self.fresh = True
 
     def consume(self, token: int) -> bool:
         """Advance past a sampled token; False if the grammar cannot continue (an error)."""
@@ -135,14 +155,22 @@ class RowGrammar:
         return self.matcher.get_error() if self.matcher.is_error() else ""
 
 
-@torch.inference_mode()
+_NEG_INF_BITS = np.array(-np.inf, dtype=np.float32).view(np.int32)
+
+
 def apply_masks(logits: torch.Tensor, rows: list[int], grammars: list[RowGrammar]) -> None:
     """Set the logits of tokens each constrained row's grammar forbids to -inf, in place
-    (logits [B, vocab]; `rows[i]` is the row of `grammars[i]`). Vectorised: the bits of all
-    rows' masks are unpacked in one go, never a loop over the vocabulary."""
-    if not rows:
+    (logits [B, vocab]; `rows[i]` is the row of `grammars[i]`); never a loop over the vocabulary.
+    float32 on the CPU: a bitwise select on the logits' bits per row (x & keep | ban; no
+    branch, ~16x faster than masked_fill with a scattered mask); elsewhere masked_fill."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        arr = logits.detach().numpy()  # the same memory
+        for r, g in zip(rows, grammars, strict=True):
+            x = arr[r].view(np.int32)
+            np.bitwise_and(x, g.keep, out=x)
+            np.bitwise_or(x, g.ban, out=x)
         return
-    words = torch.stack([g.mask for g in grammars])  # [n, vocab / 32]
-    allowed = ((words.unsqueeze(-1) >> _BITS) & 1).bool().flatten(1)[:, : logits.shape[1]]  # [n, vocab]
-    idx = torch.tensor(rows, device=logits.device)
-    logits[idx] = logits[idx].masked_fill(~allowed.to(logits.device), float("-inf"))
+    with torch.inference_mode():
+        allowed = torch.from_numpy(np.stack([g.keep for g in grammars])).to(logits.device) != 0  # [n, vocab]
+        idx = torch.tensor(rows, device=logits.device)
+        logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
