@@ -27,6 +27,7 @@ def test_wire_contract_field_numbers():
     assert {k: v for k, v in sampling.items() if v <= 8} == {
         "max_new_tokens": 1, "temperature": 2, "top_p": 3, "top_k": 4, "seed": 5, "stop": 6, "ignore_eos": 7,
         "top_logprobs": 8}
+    assert {k: v for k, v in sampling.items() if v > 8} == {"json_schema": 9, "regex": 10, "choice": 11}
     assert pb.SamplingParams.DESCRIPTOR.fields_by_name["top_logprobs"].has_presence  # set (even 0): asked
     assert {f.name: f.number for f in pb.TokenLogprob.DESCRIPTOR.fields} == {
         "token_id": 1, "token": 2, "logprob": 3, "top": 4}
