@@ -188,6 +188,7 @@ class BenchRequest:
     prompt_tokens: int
     max_new_tokens: int
     ignore_eos: bool = False  # generate exactly max_new_tokens (a fixed amount of work)
+    params: tuple[tuple[str, object], ...] = ()  # more sampling parameters (e.g. json_schema), as pairs
 
 
 def power_law_weights(n: int, alpha: float = 1.0) -> list[float]:
@@ -520,7 +521,7 @@ def _one(client, req: BenchRequest, t0: float) -> Outcome:
     out = Outcome(req.index, req.adapter_id, time.perf_counter() - t0)
     try:
         for msg in client.stream(req.prompt, req.adapter_id, max_new_tokens=req.max_new_tokens,
-                                 ignore_eos=req.ignore_eos):
+                                 ignore_eos=req.ignore_eos, **dict(req.params)):
             now = time.perf_counter() - t0
             out.token_ids.extend(msg.token_ids)
             out.token_times.extend([now] * len(msg.token_ids))

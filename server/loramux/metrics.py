@@ -19,7 +19,7 @@ disable_created_metrics()  # the *_created series only add noise to every scrape
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-_GRAMMAR = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+_GRAMMAR = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _SIZE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -71,8 +71,10 @@ class Metrics:
                                                  "constraint not in the cache", _GRAMMAR)
         self.grammar_cache_hits = counter("grammar_cache_hits", "Constrained requests whose grammar was cached")
         self.grammar_cache_misses = counter("grammar_cache_misses", "Constrained requests whose grammar was compiled")
-        self.grammar_mask_seconds = histogram("grammar_mask_seconds", "Token masks of one step's constrained rows: "
+        self.grammar_mask_seconds = histogram("grammar_mask_seconds", "CPU time of one step's token masks: "
                                               "computing (on the helper thread or not) and applying", _GRAMMAR)
+        self.grammar_mask_wait_seconds = histogram("grammar_mask_wait_seconds", "Time a step waited for the masks "
+                                                   "the helper thread computes during the forward", _GRAMMAR)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP; return the bound port (useful with port 0)."""
