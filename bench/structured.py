@@ -150,7 +150,9 @@ def ttft_study(srv, repeats: int, seed: int) -> dict:
     with Client(srv.address) as client:
         for k in range(repeats):
             new = json.dumps({**SIX_FIELDS, "title": f"person-{seed}-{k}-{time.time_ns()}"})
-            for kind, params in (("free", {}), ("new", {"json_schema": new}), ("cached", {"json_schema": cached})):
+            order = [("free", {}), ("new", {"json_schema": new}), ("cached", {"json_schema": cached})]
+            rng.shuffle(order)  # no kind always right after a compile
+            for kind, params in order:
                 started = time.perf_counter()
                 next(iter(client.stream(prompt, max_new_tokens=1, **params)))
                 times[kind].append(time.perf_counter() - started)
@@ -160,7 +162,29 @@ def ttft_study(srv, repeats: int, seed: int) -> dict:
     out["compile_ms"] = 1e3 * (after["sum"] - before.get("sum", 0)) / compiles if compiles else math.nan
     # Paired by round: this CPU's speed drifts more between rounds than a mask costs.
     out["cached_adds_ms"] = 1e3 * statistics.median(x - y for x, y in zip(times["cached"], times["free"], strict=True))
+    out["cached_cost_ms"] = cached_cost_ms()
     return out
+
+
+def cached_cost_ms(repeats: int = 50) -> float:
+    """What a cached schema adds before the first token, measured in this process with the
+    server's code: the cache lookup and copy, the first mask, applying it (median, ms)."""
+    import torch
+
+    from loramux.model.grammar import Grammars, apply_masks
+
+    tok = c.tokenizer()
+    grammars = Grammars(tok, len(tok), [tok.eos_token_id])
+    grammars.compile("json_schema", json.dumps(SIX_FIELDS))
+    logits = torch.zeros(1, len(tok))
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        g, _ = grammars.compile("json_schema", json.dumps(SIX_FIELDS))
+        g.fill()
+        apply_masks(logits, [0], [g])
+        times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -217,8 +241,9 @@ def report(r: dict, args) -> str:
     text += (f"\nidle TTFT (median of {args.ttft_repeats}): free {t['ttft_free_ms']:.1f} ms, new schema "
              f"{t['ttft_new_ms']:.1f} ms (compile {t['compile_ms']:.1f} ms), "
              f"cached schema {t['ttft_cached_ms']:.1f} ms: "
-             f"a cached schema adds {t['cached_adds_ms']:+.1f} ms (median of paired differences; target < 5 ms: "
-             f"{'meets' if t['cached_adds_ms'] < 5 else 'BELOW'})")
+             f"a cached schema adds {t['cached_adds_ms']:+.1f} ms end to end (median of paired differences; "
+             f"target < 5 ms: {'meets' if t['cached_adds_ms'] < 5 else 'BELOW'}); its own work before the first "
+             f"token, measured in process: {t['cached_cost_ms']:.2f} ms")
     v = r["validity"]
     text += f"\nconstrained answers: {v['ended_eos']}/{v['constrained']} ended with EOS, {v['valid']} of those validate"
     return text
