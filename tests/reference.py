@@ -79,6 +79,25 @@ class PeftReference:
         yield
 
 
+    @torch.inference_mode()
+    def score(self, adapter_id: str, prompt_ids: list[int], candidates: list[str]) -> list[float]:
+        """Log-probability of each candidate's tokens after the prompt, all in one forward
+        (right-padded: causal attention keeps the padding out of every real position)."""
+        cands = [self.tokenizer(c, add_special_tokens=False).input_ids for c in candidates]
+        width = len(prompt_ids) + max(map(len, cands))
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([prompt_ids + c + [pad] * (width - len(prompt_ids) - len(c)) for c in cands])
+        if adapter_id:
+            self.model.set_adapter(adapter_id)
+            logits = self.model(input_ids=ids).logits
+        else:
+            with self.model.disable_adapter():
+                logits = self.model(input_ids=ids).logits
+        logp = torch.log_softmax(logits.float(), -1)
+        n = len(prompt_ids)
+        return [float(sum(logp[i, n - 1 + j, t] for j, t in enumerate(c))) for i, c in enumerate(cands)]
+
+
 class PeftLoader:
     """PEFT's verdict on an adapter folder: loaded as `PeftModel.from_pretrained(base, folder)`
     loads it, onto a fresh copy of the base, with the missing and unexpected keys that call

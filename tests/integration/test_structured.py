@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import jsonschema
 import pytest
-import torch
 
 from loramux.client import LoramuxClientError
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
@@ -104,25 +103,6 @@ def test_regex_and_choice_answers(server):
             assert answer.text in job["choice"], (job, answer.text)
 
 
-@torch.inference_mode()
-def choice_scores(reference, adapter_id: str, prompt: str, choices: list[str]) -> list[float]:
-    """PEFT's log-probability of each candidate's tokens after the prompt (one forward each)."""
-    model, tok = reference.model, reference.tokenizer
-    scores = []
-    for choice in choices:
-        prompt_ids = tok(prompt).input_ids
-        ids = torch.tensor([prompt_ids + tok(choice, add_special_tokens=False).input_ids])
-        if adapter_id:
-            reference.model.set_adapter(adapter_id)
-            logits = model(input_ids=ids).logits
-        else:
-            with model.disable_adapter():
-                logits = model(input_ids=ids).logits
-        logp = torch.log_softmax(logits[0, len(prompt_ids) - 1:-1].float(), -1)
-        scores.append(float(logp.gather(1, ids[0, len(prompt_ids):, None]).sum()))
-    return scores
-
-
 @pytest.mark.parametrize("adapter_id", ["", "r16-all"])
 def test_greedy_choice_is_the_most_probable(server, reference, adapter_id):
     """Acceptance 2: a greedy choice answer is the candidate PEFT scores highest. The
@@ -132,7 +112,7 @@ def test_greedy_choice_is_the_most_probable(server, reference, adapter_id):
     with server.client() as client:
         for prompt in PROMPTS:
             answer = client.generate(prompt, adapter_id, max_new_tokens=4, choice=choices)
-            scores = choice_scores(reference, adapter_id, prompt, choices)
+            scores = reference.score(adapter_id, reference.tokenizer(prompt).input_ids, choices)
             assert answer.text == choices[scores.index(max(scores))], (prompt, answer.text, scores)
             assert answer.finish_reason == pb.FINISH_REASON_EOS
 

@@ -1,8 +1,8 @@
 """Issue 18 on the real default model (SmolLM2-135M-Instruct, NF4) with the `json` demo adapter.
 
 Acceptance 1: chat requests over the five schemas of tests/schemas.py, with and without the
-adapter, between free rows: every answer that ends with EOS validates. CI sends 15 of them
-(~30 s here); LORAMUX_STRUCTURED_REAL_REQUESTS=200 runs the issue's full 200.
+adapter, between free rows: every answer that ends with EOS validates. CI sends 10 of them
+(~20 s on a quiet machine); LORAMUX_STRUCTURED_REAL_REQUESTS=200 runs the issue's full 200.
 Acceptance 2: regex answers match; a greedy choice answer is the candidate PEFT scores highest.
 """
 
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 
 from loramux.model.chat import render_chat
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
@@ -25,7 +24,7 @@ from tests.schemas import SCHEMAS
 from tests.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-REQUESTS = int(os.environ.get("LORAMUX_STRUCTURED_REAL_REQUESTS", "15"))
+REQUESTS = int(os.environ.get("LORAMUX_STRUCTURED_REAL_REQUESTS", "10"))
 ASK = {
     "order": "Write an example order for an online shop as JSON.",
     "label": "Classify the sentiment of this review as JSON: 'I love this phone, the battery is great.'",
@@ -38,6 +37,8 @@ CHOICES = [  # (question, candidates): the answer is one of them
     ("What is the capital of France?", ["Paris", "London", "Berlin", "Madrid"]),
     ("Classify the sentiment: 'This movie was terrible and boring.'", ["positive", "negative", "neutral"]),
     ("Which of these is a fruit?", ["apple", "car", "table"]),
+    ("What colour is grass?", ["red", "green", "blue"]),
+    ("How many legs does a spider have?", ["six", "eight", "ten"]),
 ]
 
 
@@ -82,10 +83,9 @@ def test_regex_on_the_real_model(server):
     cases = [("Give a US phone number.", r"\(\d{3}\) \d{3}-\d{4}"), ("What is 12 times 12?", r"[0-9]{1,4}"),
              ("Write today's date.", r"20[0-9]{2}-[01][0-9]-[0-3][0-9]")]
     with server.client() as client:
-        for question, regex in cases:
-            for adapter in ("", "json"):
-                answer = client.chat(chat(question), adapter, max_new_tokens=24, regex=regex)
-                assert answer.finish_reason == pb.FINISH_REASON_EOS and re.fullmatch(regex, answer.text), answer
+        for i, (question, regex) in enumerate(cases):
+            answer = client.chat(chat(question), ("", "json")[i % 2], max_new_tokens=24, regex=regex)
+            assert answer.finish_reason == pb.FINISH_REASON_EOS and re.fullmatch(regex, answer.text), answer
 
 
 @pytest.fixture(scope="module")
@@ -95,29 +95,12 @@ def peft(real_model_path):
     return PeftReference(real_model_path, {"json": ROOT / "adapters" / "json"})
 
 
-@torch.inference_mode()
-def scores(peft, adapter_id: str, prompt_ids: list[int], choices: list[str]) -> list[float]:
-    """PEFT's log-probability of each candidate's tokens after the prompt."""
-    out = []
-    for choice in choices:
-        ids = torch.tensor([prompt_ids + peft.tokenizer(choice, add_special_tokens=False).input_ids])
-        if adapter_id:
-            peft.model.set_adapter(adapter_id)
-            logits = peft.model(input_ids=ids).logits
-        else:
-            with peft.model.disable_adapter():
-                logits = peft.model(input_ids=ids).logits
-        logp = torch.log_softmax(logits[0, len(prompt_ids) - 1:-1].float(), -1)
-        out.append(float(logp.gather(1, ids[0, len(prompt_ids):, None]).sum()))
-    return out
-
-
-@pytest.mark.parametrize("adapter_id", ["", "json"])
-def test_greedy_choice_is_the_candidate_peft_scores_highest(server, peft, adapter_id):
+def test_greedy_choice_is_the_candidate_peft_scores_highest(server, peft):
     with server.client() as client:
-        for question, choices in CHOICES:
+        for i, (question, choices) in enumerate(CHOICES):
+            adapter_id = ("", "json")[i % 2]
             answer = client.chat(chat(question), adapter_id, max_new_tokens=8, choice=choices)
             prompt_ids = peft.tokenizer(render_chat(peft.tokenizer, [("user", question)])).input_ids
-            s = scores(peft, adapter_id, prompt_ids, choices)
+            s = peft.score(adapter_id, prompt_ids, choices)
             assert answer.finish_reason == pb.FINISH_REASON_EOS
             assert answer.text == choices[s.index(max(s))], (question, answer.text, dict(zip(choices, s, strict=True)))
