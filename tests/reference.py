@@ -87,12 +87,17 @@ class PeftReference:
         width = len(prompt_ids) + max(map(len, cands))
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([prompt_ids + c + [pad] * (width - len(prompt_ids) - len(c)) for c in cands])
-        if adapter_id:
-            self.model.set_adapter(adapter_id)
-            logits = self.model(input_ids=ids).logits
-        else:
-            with self.model.disable_adapter():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a team of 2 on a busy 2-core machine spins: 3-16 s a forward, not 0.5
+        try:
+            if adapter_id:
+                self.model.set_adapter(adapter_id)
                 logits = self.model(input_ids=ids).logits
+            else:
+                with self.model.disable_adapter():
+                    logits = self.model(input_ids=ids).logits
+        finally:
+            torch.set_num_threads(threads)
         logp = torch.log_softmax(logits.float(), -1)
         n = len(prompt_ids)
         return [float(sum(logp[i, n - 1 + j, t] for j, t in enumerate(c))) for i, c in enumerate(cands)]
