@@ -22,7 +22,7 @@ import pytest
 from loramux.client import LoramuxClientError
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from tests.schemas import SCHEMAS
-from tests.server import ServerProcess
+from tests.server import ServerProcess, free_port
 
 ADAPTERS = ("r4-qv", "r16-all")
 PROMPTS = ["Hello world", "The quick brown fox", "a", "Tell me a story about", "1 2 3 4", "Once upon a time"]
@@ -36,7 +36,8 @@ def server(tmp_path_factory, adapter_store):
     work = tmp_path_factory.mktemp("structured")
     for name in ADAPTERS:
         shutil.copytree(adapter_store[name], work / "adapters" / name)
-    srv = ServerProcess(work, "--adapter-dir", str(work / "adapters"), "--max-batch-size", "32")
+    srv = ServerProcess(work, "--adapter-dir", str(work / "adapters"), "--max-batch-size", "32",
+                        "--http-port", str(free_port()))
     yield srv
     srv.stop()
 
@@ -197,3 +198,28 @@ def test_any_object_and_compiled_grammars_are_cached(server):
                 assert answer.text.startswith("{")
         after = server.metrics()
     assert after["loramux_grammar_cache_hits_total"] - before["loramux_grammar_cache_hits_total"] >= 1
+
+
+def test_openai_response_format_through_the_http_front_door(server):
+    """README acceptance 4's other half: OpenAI's response_format through the official SDK."""
+    import openai
+
+    schema = SCHEMAS["label"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "label", "schema": schema, "strict": True}}
+    with openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0) as oai:
+        for model in ("tiny", "r16-all"):
+            chat = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=60, temperature=0, response_format=fmt)
+            choice = chat.choices[0]
+            assert choice.finish_reason in ("stop", "length")
+            if choice.finish_reason == "stop":
+                jsonschema.validate(json.loads(choice.message.content), schema)
+            else:
+                assert choice.message.content.startswith('{"sentiment": ')
+        anything = oai.completions.create(model="tiny", prompt="Hello", max_tokens=40, temperature=0.9, seed=3,
+                                          extra_body={"response_format": {"type": "json_object"}})  # not in its types
+        assert anything.choices[0].text.startswith("{")
+        with pytest.raises(openai.BadRequestError, match="objec"):
+            oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                        response_format={"type": "json_schema",
+                                                         "json_schema": {"name": "x", "schema": {"type": "objec"}}})

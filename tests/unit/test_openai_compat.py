@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from loramux.api import openai_compat as oa
@@ -41,7 +43,8 @@ def test_defaults_follow_openai():
 @pytest.mark.parametrize(("body", "message"), [
     ({"n": 2, "tools": [{}], "logit_bias": {"1": 5}}, "unsupported parameter(s): tools, logit_bias, n"),
     ({"presence_penalty": 0.5}, "unsupported parameter(s): presence_penalty"),
-    ({"response_format": {"type": "json_object"}}, "unsupported parameter(s): response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
+    ({"response_format": {"type": "grammar"}}, "response_format type must be"),
     ({"max_tokens": -1}, "invalid request body: max_tokens"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
     ({"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
@@ -51,6 +54,18 @@ def test_refusals_name_the_parameter(body, message):
     with pytest.raises(InvalidArgument) as err:
         chat(**body).to_pb("")
     assert message in str(err.value)
+
+
+def test_structured_output_maps_onto_the_grpc_fields():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+    assert params_from_pb(chat(response_format=fmt).to_pb(""), 16, 64).constraint.text == json.dumps(schema)
+    assert params_from_pb(chat(response_format={"type": "json_object"}).to_pb(""), 16, 64).constraint.text == "{}"
+    assert params_from_pb(chat(guided_regex="a+").to_pb(""), 16, 64).constraint.text == "a+"
+    assert params_from_pb(chat(guided_choice=["x", "y"]).to_pb(""), 16, 64).constraint.choices == ("x", "y")
+    assert params_from_pb(chat(response_format={"type": "text"}).to_pb(""), 16, 64).constraint is None
+    with pytest.raises(InvalidArgument, match="at most one of json_schema, regex"):  # gRPC's own check
+        params_from_pb(chat(response_format={"type": "json_object"}, guided_regex="a+").to_pb(""), 16, 64)
 
 
 def test_nulls_and_text_format_are_not_refused():

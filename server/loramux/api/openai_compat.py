@@ -8,6 +8,7 @@ follow OpenAI's Chat Completions and (legacy) Completions APIs.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -47,23 +48,25 @@ class OpenAIRequest(BaseModel):
     frequency_penalty: float = 0.0
     ignore_eos: bool = False  # vLLM's extension
     user: str | None = None  # accepted and ignored
-    # Structured output (issue 18) maps response_format onto SamplingParams here; until then
-    # only "text" (no constraint) is accepted.
+    # Structured output: OpenAI's response_format ("text", "json_object", "json_schema"), or
+    # vLLM's guided_* extensions; onto SamplingParams' json_schema / regex / choice.
     response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def unsupported(self) -> list[str]:
         """Names of parameters set to something loramux does not do."""
         names = [k for k, v in (self.model_extra or {}).items() if v is not None]
         names += [name for name, bad in (("n", self.n != 1), ("presence_penalty", self.presence_penalty != 0),
-                                         ("frequency_penalty", self.frequency_penalty != 0),
-                                         ("response_format", not _plain_text(self.response_format))) if bad]
+                                         ("frequency_penalty", self.frequency_penalty != 0)) if bad]
         return names
 
     def sampling(self, max_tokens: int | None, top_logprobs: int | None) -> pb.SamplingParams:
         params = pb.SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature, top_k=max(self.top_k, 0),
             seed=(self.seed or 0) % 2**64, stop=[self.stop] if isinstance(self.stop, str) else self.stop or [],
-            ignore_eos=self.ignore_eos)
+            ignore_eos=self.ignore_eos, **self.constraint())
         if max_tokens is not None:
             params.max_new_tokens = max_tokens
         if self.top_p is not None:
@@ -73,8 +76,29 @@ class OpenAIRequest(BaseModel):
         return params
 
 
-def _plain_text(response_format: dict[str, Any] | None) -> bool:
-    return response_format is None or response_format.get("type") == "text"
+    def constraint(self) -> dict[str, Any]:
+        """SamplingParams' structured-output fields; more than one set is refused there (gRPC's check)."""
+        out: dict[str, Any] = {}
+        if self.guided_json is not None:
+            out["json_schema"] = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+        if self.guided_regex is not None:
+            out["regex"] = self.guided_regex
+        if self.guided_choice is not None:
+            out["choice"] = self.guided_choice
+        fmt = self.response_format or {"type": "text"}
+        kind = fmt.get("type")
+        if kind == "json_object":
+            out.setdefault("json_schema", "{}")  # any JSON object
+        elif kind == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise InvalidArgument("response_format json_schema needs json_schema.schema, a JSON Schema object")
+            if "json_schema" in out:
+                raise InvalidArgument("set either response_format or guided_json, not both")
+            out["json_schema"] = json.dumps(schema)
+        elif kind != "text":
+            raise InvalidArgument(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+        return out
 
 
 class ContentPart(BaseModel):
