@@ -106,16 +106,18 @@ def test_regex_and_choice_answers(server):
 
 @pytest.mark.parametrize("adapter_id", ["", "r16-all"])
 def test_greedy_choice_is_the_most_probable(server, reference, adapter_id):
-    """Acceptance 2: a greedy choice answer is the candidate PEFT scores highest. The
-    byte-level model's candidates are one token each here (see test_structured_real for
-    the real model's, and docs/structured-output.md for longer choices)."""
-    choices = ["a", "b", "c", "d", "x", "7"]
+    """Acceptance 2: a greedy choice answer is the candidate PEFT scores highest as a whole.
+    The byte-level model makes a token of each character: candidates of one and of several
+    tokens, some sharing first tokens, where the greedy path token by token can differ."""
+    sets = [["a", "b", "c", "d", "x", "7"], ["ab", "ba", "abc", "xyz", "x7", "hello"],
+            ["the", "then", "they", "apple", "ant", "zzz"]]
     with server.client() as client:
         for prompt in PROMPTS:
-            answer = client.generate(prompt, adapter_id, max_new_tokens=4, choice=choices)
-            scores = reference.score(adapter_id, reference.tokenizer(prompt).input_ids, choices)
-            assert answer.text == choices[scores.index(max(scores))], (prompt, answer.text, scores)
-            assert answer.finish_reason == pb.FINISH_REASON_EOS
+            for choices in sets:
+                answer = client.generate(prompt, adapter_id, max_new_tokens=8, choice=choices)
+                scores = reference.score(adapter_id, reference.tokenizer(prompt).input_ids, choices)
+                assert answer.text == choices[scores.index(max(scores))], (prompt, answer.text, scores)
+                assert answer.finish_reason == pb.FINISH_REASON_EOS
 
 
 def test_seeded_and_greedy_answers_do_not_depend_on_the_batch(server):

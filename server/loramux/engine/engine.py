@@ -29,7 +29,7 @@ from pathlib import Path
 
 from loramux import faults
 from loramux.engine.constraints import MaskPipeline
-from loramux.engine.request import Completion, Event, Finish, Outbox, Params, Request, TokenLogprob
+from loramux.engine.request import Completion, Constraint, Event, Finish, Outbox, Params, Request, TokenLogprob
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.stream import TextStream
 from loramux.errors import (
@@ -469,6 +469,9 @@ class Engine:
     def _first_tokens(self, rows: list[Row], logits, group: Group) -> None:
         """Sample and stream the first token of each prefilled row; queue them to join."""
         try:
+            for i, row in enumerate(rows):
+                if _greedy_choice(row):
+                    self._choose(row, group, i, logits[i])
             tokens, logprobs = self._sample(rows, logits)
         except Exception as exc:
             log.exception("prefill failed")
@@ -483,6 +486,18 @@ class Engine:
             self._fail_prefilled([r for r in rows if not r.req.done], exc)
             return
         self._prefilled.append((rows, group))
+
+    def _choose(self, row: Row, group: Group, i: int, last_logits) -> None:
+        """A greedy choice is the candidate the model gives the highest probability whole (not
+        token by token, where a likely first token can lead into an unlikely choice): scored in
+        one forward after the prompt, then its grammar allows that candidate only."""
+        choices = row.req.params.constraint.choices
+        tokenize = self.runner.tokenizer
+        candidates = [tokenize(c, add_special_tokens=False).input_ids or [self.runner.pad_id] for c in choices]
+        n = len(row.req.prompt_ids)
+        scores = self.runner.score(self.runner.row_kv(group, i, n)(0, n), last_logits, row.slot, candidates)
+        best = choices[scores.index(max(scores))]
+        row.grammar = self._compile(Constraint("choice", choices=(best,)))
 
     def _sample(self, rows: list[Row], logits) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token per row, constrained rows only among what their grammars allow, and the
@@ -729,6 +744,11 @@ class Engine:
             "queue_wait_s": since(req.admitted), "ttft_s": since(req.first_token),
             "duration_s": round(now - req.arrived, 6),
         }))
+
+
+def _greedy_choice(row: Row) -> bool:
+    c = row.req.params.constraint
+    return c is not None and c.kind == "choice" and len(c.choices) > 1 and row.sampling.temperature == 0
 
 
 def _load_error(adapter_id: str, exc: Exception) -> LoramuxError:

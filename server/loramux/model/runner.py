@@ -339,14 +339,42 @@ class Runner:
         batch.stepped()
         return logits
 
-    def _forward(self, ids, mask, positions, cache, slots) -> torch.Tensor:
+    @torch.inference_mode()
+    def score(self, past: torch.Tensor, last_logits: torch.Tensor, slot: int,
+              candidates: list[list[int]]) -> list[float]:
+        """Log-probability of each candidate's tokens after a prompt whose keys and values are
+        `past` ([layers, 2, kv_heads, n, head_dim]) and whose last position gave `last_logits`
+        [vocab]: one forward over the candidates but their last tokens, right-padded (causal
+        attention keeps the padding out of every real position)."""
+        first = torch.log_softmax(last_logits.float(), -1)
+        scores = [float(first[c[0]]) for c in candidates]
+        width = max(len(c) for c in candidates) - 1
+        if width == 0:
+            return scores
+        n, k = past.shape[3], len(candidates)
+        ids = torch.full((k, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((k, n + width), dtype=torch.long)
+        mask[:, :n] = 1
+        for i, c in enumerate(candidates):
+            ids[i, :len(c) - 1] = torch.tensor(c[:-1])
+            mask[i, n:n + len(c) - 1] = 1
+        positions = torch.arange(n, n + width, device=self.device).expand(k, -1)
+        cache = self._seeded([past] * k, [n] * k, n, width)
+        logp = torch.log_softmax(self._forward(ids.to(self.device), mask.to(self.device), positions, cache,
+                                               [slot] * k, keep=0).float(), -1)  # [k, width, vocab]
+        for i, c in enumerate(candidates):
+            scores[i] += float(sum(logp[i, j, t] for j, t in enumerate(c[1:])))
+        return scores
+
+    def _forward(self, ids, mask, positions, cache, slots, keep: int = 1) -> torch.Tensor:
+        """Last-position logits [rows, vocab]; with keep=0, every position's [rows, width, vocab]."""
         self.ctx.set(slots, self.device)
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             past_key_values=cache, use_cache=True, logits_to_keep=keep)
         finally:
             self.ctx.set([], self.device)
-        return out.logits[:, -1, :]
+        return out.logits if keep == 0 else out.logits[:, -1, :]
 
 
 def split_by_length(lengths: list[int], forward_cost: int) -> list[list[int]]:
