@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 
@@ -117,8 +118,11 @@ class App:
         http = f"OpenAI HTTP on :{self.http_port}" if self.http else "HTTP off"
         log.info("serving gRPC on %s:%d, %s, %s", self.cfg.host, self.port, http, metrics)
         if self.cfg.ready_file:
-            self.cfg.ready_file.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
-                                                       "http_port": self.http_port}))
+            # Written aside, then renamed: a watcher that sees the file never reads half of it.
+            tmp = self.cfg.ready_file.with_name(self.cfg.ready_file.name + ".tmp")
+            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port,
+                                       "http_port": self.http_port}))
+            os.replace(tmp, self.cfg.ready_file)
 
     async def _start_http(self, generation: GenerationServicer) -> None:
         """The OpenAI-compatible routes on this event loop, with gRPC's host, TLS and admin token."""
