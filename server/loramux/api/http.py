@@ -90,7 +90,7 @@ class OpenAIRoutes:
         try:
             body = oa.parse(kind, await _json(request))
             wire = body.to_pb("" if body.model == self.model_name else body.model)
-            req = self.generation.submit(wire, None)
+            req = await self.generation.submit(wire, None)
             answer = oa.Answer(kind is oa.ChatRequest, body.model, wire.params.HasField("top_logprobs"))
             if body.stream:
                 return await self._start_stream(request, body, answer, req)

@@ -31,15 +31,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.default_max_new = default_max_new
         self.max_new_limit = max_new_limit
 
-    def submit(self, request: pb.GenerateRequest, timeout: float | None) -> Request:
+    async def submit(self, request: pb.GenerateRequest, timeout: float | None) -> Request:
         """Validate a request and queue it; raises the error its caller hears."""
         messages = messages_from_pb(request)
         params = params_from_pb(request, self.default_max_new, self.max_new_limit)
+        grammar = await self.engine.compile(params.constraint) if params.constraint is not None else None
         return self.engine.submit(request.adapter_id, request.prompt, params, request.request_id,
-                                  timeout, messages=messages)
+                                  timeout, messages=messages, grammar=grammar)
 
     async def Generate(self, request, context):
-        req = self.submit(request, context.time_remaining())
+        req = await self.submit(request, context.time_remaining())
         done = await self.engine.complete(req)
         return pb.GenerateResponse(
             text=done.text, token_ids=done.token_ids, finish_reason=FINISH[done.finish],
@@ -48,7 +49,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         )
 
     async def GenerateStream(self, request, context):
-        async for event in self.engine.events(self.submit(request, context.time_remaining())):
+        async for event in self.engine.events(await self.submit(request, context.time_remaining())):
             yield stream_from_event(event)
 
 

@@ -128,9 +128,11 @@ class Engine:
         self._prefetch.submit(self.grammars.tokenizer)  # ~0.7 s, off the first constrained request
 
     def submit(self, adapter_id: str, prompt: str, params: Params, request_id: str,
-               timeout: float | None, messages: Sequence[tuple[str, str]] | None = None) -> Request:
+               timeout: float | None, messages: Sequence[tuple[str, str]] | None = None,
+               grammar: object = None) -> Request:
         """Queue a request for `prompt`, or for `messages` (role, content) rendered with the
-        model's chat template (then `prompt` is ignored)."""
+        model's chat template (then `prompt` is ignored). `grammar`: its constraint already
+        compiled (`compile`); else it is compiled here."""
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica")
         if adapter_id:
@@ -156,7 +158,7 @@ class Engine:
         deadline = time.monotonic() + timeout if timeout is not None else None
         req = Request(adapter_id, ids, params, request_id, deadline, asyncio.get_running_loop())
         if params.constraint is not None:
-            req.grammar = self._compile(params.constraint)
+            req.grammar = grammar if grammar is not None else self._compile(params.constraint)
         req.inject_fault = faults.marked(prompt)
         with self._lock:
             if self.scheduler.full():
@@ -169,6 +171,12 @@ class Engine:
             self._prefetch.submit(self.slots.prefetch, adapter_id)
         self._wake.set()
         return req
+
+    async def compile(self, constraint) -> object:
+        """`_compile` off the event loop: a new schema takes milliseconds, a pathological one
+        (or the first, while the grammar tokenizer is still being built) up to a second, and
+        every other RPC would wait for it."""
+        return await asyncio.to_thread(self._compile, constraint)
 
     def _compile(self, c) -> object:
         """A matcher for a request's constraint (the cache's, or compiled now); raises
