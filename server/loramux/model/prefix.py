@@ -92,14 +92,7 @@ class PrefixCache:
     def peek(self, namespace: str, tokens: list[int]) -> int:
         """How many tokens `lookup` would serve now (no block touched, nothing counted)."""
         with self._lock:
-            parent, n, limit = self._roots.get(namespace), 0, (len(tokens) - 1) // BLOCK
-            while parent is not None and n < limit:
-                key = (parent, tuple(tokens[n * BLOCK:(n + 1) * BLOCK]))
-                if key not in self._blocks:
-                    break
-                # Cache.__getitem__ reads without LRUCache's touch: a peek must not change eviction order.
-                parent, n = Cache.__getitem__(self._blocks, key).id, n + 1
-        return n * BLOCK
+            return len(self._walk(namespace, tokens, (len(tokens) - 1) // BLOCK)) * BLOCK
 
     def insert(self, namespace: str, owner: str, tokens: list[int], kv: Callable[[int, int], torch.Tensor]) -> None:
         """Cache the full blocks of `tokens`; `kv(start, end)` gives those tokens' keys and
@@ -141,18 +134,23 @@ class PrefixCache:
         self._touch(chain)
 
     def _chain(self, namespace: str, tokens: list[int], limit: int) -> list[tuple[tuple, _Block]]:
-        """(key, block) of the cached blocks of `tokens` from the first, at most `limit`;
-        touched, the first last (a parent stays more recent than its children)."""
+        """`_walk`, touched, the first block last (a parent stays more recent than its children)."""
+        chain = self._walk(namespace, tokens, limit)
+        self._touch(chain)
+        return chain
+
+    def _walk(self, namespace: str, tokens: list[int], limit: int) -> list[tuple[tuple, _Block]]:
+        """(key, block) of the cached blocks of `tokens` from the first, at most `limit`, read
+        without LRUCache's touch (Cache.__getitem__): a walk alone never changes eviction order."""
         parent, chain = self._roots.get(namespace), []
         while parent is not None and len(chain) < limit:
             j = len(chain)
             key = (parent, tuple(tokens[j * BLOCK:(j + 1) * BLOCK]))
-            block = self._blocks.get(key)
-            if block is None:
+            if key not in self._blocks:
                 break
+            block = Cache.__getitem__(self._blocks, key)
             chain.append((key, block))
             parent = block.id
-        self._touch(chain)
         return chain
 
     def _touch(self, chain: list[tuple[tuple, _Block]]) -> None:
