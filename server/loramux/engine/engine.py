@@ -500,8 +500,7 @@ class Engine:
         token by token, where a likely first token can lead into an unlikely choice): scored in
         one forward after the prompt, then its grammar allows that candidate only."""
         choices = row.req.params.constraint.choices
-        tokenize = self.runner.tokenizer
-        candidates = [tokenize(c, add_special_tokens=False).input_ids or [self.runner.pad_id] for c in choices]
+        candidates = [self.grammars.choice_ids(c) or [self.runner.pad_id] for c in choices]
         n = len(row.req.prompt_ids)
         scores = self.runner.score(self.runner.row_kv(group, i, n)(0, n), last_logits, row.slot, candidates)
         best = choices[scores.index(max(scores))]

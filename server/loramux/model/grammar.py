@@ -88,9 +88,14 @@ class Grammars:
         token "L" (of "L"+"ondon") can outweigh "Paris" while a full "London" would not."""
         out: list[list[int] | str] = []
         for c in dict.fromkeys(choices):
-            ids = self._hf(c, add_special_tokens=False).input_ids
+            ids = self.choice_ids(c)
             out.append(ids if ids and self._hf.decode(ids) == c else c)
         return out
+
+    def choice_ids(self, choice: str) -> list[int]:
+        """The tokens the tokenizer makes of a choice (what its grammar offers, and what a
+        greedy choice is scored on)."""
+        return self._hf(choice, add_special_tokens=False).input_ids
 
 
 def _grammar(kind: str, text: str, choices: list[list[int] | str]) -> str:
