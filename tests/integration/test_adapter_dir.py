@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import time
 
 import grpc
 import pytest
 
-from tests.server import ServerProcess
-
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
+from tests.server import ServerProcess, wait_for
 
 
 def test_folder_appears_and_disappears(tmp_path, adapter_store, reference):

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
-from tests.server import ServerProcess
+from tests.server import ServerProcess, wait_for
 
 S = grpc.StatusCode
 
@@ -136,7 +136,9 @@ def test_prompt_too_long(server, reference):
 def test_queue_full_answers_at_once(server, reference):
     with server.client() as c:
         long_calls = [c.stream("Once upon a time", "good", max_new_tokens=300) for _ in range(3)]
-        time.sleep(1.0)  # one running (batch size 1), two waiting: the queue (2) is full
+        # One running (batch size 1), two waiting: the queue (2) is full. Waited for on the gauges,
+        # not a fixed sleep: on a busy machine the streams may take longer than a second to arrive.
+        assert wait_for(lambda: server.metrics().get("loramux_queue_depth") == 2, timeout=30)
         start = time.monotonic()
         details = expect(S.RESOURCE_EXHAUSTED, c.generate, "hi", "good", max_new_tokens=4)
         assert time.monotonic() - start < 1.0 and "max-queue" in details
