@@ -23,7 +23,7 @@ from loramux.client import (
     upload_messages,
 )
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
-from tests.server import ServerProcess
+from tests.server import ServerProcess, wait_for
 
 TOKEN = "tok"
 
@@ -77,7 +77,7 @@ def test_retries_with_backoff_on_overload(server):
         busy = [impatient.stream("Once upon a time", max_new_tokens=800, ignore_eos=True)]
         next(busy[0])
         busy.append(impatient.stream("Once upon a time", max_new_tokens=800, ignore_eos=True))
-        time.sleep(0.3)
+        assert wait_for(lambda: server.metrics().get("loramux_queue_depth") == 1, timeout=30)
         with pytest.raises(Overloaded):
             impatient.generate("Hello", max_new_tokens=2)
         threading.Timer(0.8, lambda: [s.cancel() for s in busy]).start()
