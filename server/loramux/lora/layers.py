@@ -9,9 +9,10 @@ Two ways, mixed in one forward by a cost model (`LoraCosts`):
   prompt) through two matmuls on views of its slot: `y += s * (x A^T) B^T`. A few tensor
   ops per adapter per layer.
 - *grouped*: the remaining tokens, scattered into a [slots, P, features] block (P: the
-  most tokens any of them has) and run through two batched matmuls over every slot's A
-  and B at once: a fixed number of ops per layer, whatever the number of adapters, plus
-  padding (a slot with fewer than P tokens, or none, computes rows nobody reads).
+  most tokens any of them has; slots: from the lowest to the highest grouped slot) and
+  run through two batched matmuls over those slots' A and B at once: a fixed number of
+  ops per layer, whatever the number of adapters, plus padding (a slot with fewer than P
+  tokens, or none, computes rows nobody reads).
 With 32 rows of 32 adapters a decode step takes the grouped way (6 ops per layer instead
 of ~130); one adapter, or a prompt, takes the direct way (2-4 ops, no padding).
 
@@ -23,7 +24,7 @@ transposed ([rank, out] per slot) so both ways read it without a permuted copy.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ class Plan:
     gather: torch.Tensor | None = None  # [slots * P] token index per grouped position
     width: int = 0  # P
     rank: int = 0  # the largest rank among the grouped slots
+    span: slice = field(default_factory=lambda: slice(0))  # the grouped slots lie in this range: only it is computed
     valid: torch.Tensor | None = None  # grouped positions that hold a real token (None: all)
     tokens: torch.Tensor | None = None  # token index of each valid grouped position
 
@@ -102,13 +104,14 @@ class RowSlots(threading.local):
 
     def _split(self, order: list[int], counts: list[int]) -> int:
         """How many of the largest adapters take the direct way (the rest: grouped)."""
-        c, slots = self.costs, len(self.ranks)
+        c = self.costs
         best, best_k = float("inf"), 0
         for k in range(len(order) + 1):
             cost = k * c.direct
             if k < len(order):
                 rank = max(self.ranks[s] for s in order[k:])
-                cost += c.group + slots * counts[k] * rank * c.row_rank
+                span = max(order[k:]) - min(order[k:]) + 1
+                cost += c.group + span * counts[k] * rank * c.row_rank
             if cost < best:
                 best, best_k = cost, k
         return best_k
@@ -120,15 +123,18 @@ class RowSlots(threading.local):
         return idx.view(-1)
 
     def _group(self, plan: Plan, rows_of: dict[int, list[int]], t: int) -> None:
+        # Only the slots from the lowest to the highest grouped one are computed (and their
+        # weights read): 8 adapters in slots 0-7 of 32 cost 8 slots' work, not 32.
+        lo, hi = min(rows_of), max(rows_of) + 1
         width = max(len(r) for r in rows_of.values()) * t
-        gather = torch.zeros(len(self.ranks), width, dtype=torch.long)
-        valid = torch.zeros(len(self.ranks), width, dtype=torch.bool)
+        gather = torch.zeros(hi - lo, width, dtype=torch.long)
+        valid = torch.zeros(hi - lo, width, dtype=torch.bool)
         for s, rows in rows_of.items():
             idx = self._tokens(rows, t)
-            gather[s, : len(idx)] = idx
-            valid[s, : len(idx)] = True
+            gather[s - lo, : len(idx)] = idx
+            valid[s - lo, : len(idx)] = True
         gather, valid = gather.view(-1), valid.view(-1)
-        plan.gather, plan.width = gather.to(self._device), width
+        plan.gather, plan.width, plan.span = gather.to(self._device), width, slice(lo, hi)
         plan.rank = max(self.ranks[s] for s in rows_of)
         plan.tokens = gather[valid].to(self._device)  # each valid position's token, in position order
         plan.valid = None if bool(valid.all()) else valid.nonzero().view(-1).to(self._device)
@@ -182,11 +188,11 @@ class StackedLoraLinear(nn.Module):
             yf.index_add_(0, tokens, torch.mm(xf.index_select(0, tokens), at) @ bt, alpha=self.scales[slot])
 
     def _grouped(self, xf: torch.Tensor, yf: torch.Tensor, plan: Plan) -> None:
-        r, p = plan.rank, plan.width
-        xs = xf.index_select(0, plan.gather).view(self.num_slots, p, self.in_features)
+        r, p, span = plan.rank, plan.width, plan.span
+        xs = xf.index_select(0, plan.gather).view(-1, p, self.in_features)
         # Each slot's rows meet only that slot's weights: another adapter's inf stays its own.
-        h = torch.bmm(xs, self.lora_a[:, :r].transpose(1, 2)).mul_(self.scaling.view(-1, 1, 1))
-        delta = torch.bmm(h, self.lora_bt[:, :r]).view(-1, self.out_features)
+        h = torch.bmm(xs, self.lora_a[span, :r].transpose(1, 2)).mul_(self.scaling[span].view(-1, 1, 1))
+        delta = torch.bmm(h, self.lora_bt[span, :r]).view(-1, self.out_features)
         if plan.valid is not None:
             delta = delta.index_select(0, plan.valid)
         yf.index_add_(0, plan.tokens, delta)

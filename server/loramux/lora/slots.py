@@ -158,7 +158,11 @@ class AdapterSlots:
             if not self._lru:
                 raise SlotsFull("all adapter slots are in use by running requests")
             self._lru.popitem()  # evicts the least recently used idle adapter
-        return self._free.pop()
+        # The lowest free slot: the grouped LoRA way computes the span of the slots in use,
+        # so few adapters stay cheap after others came and went.
+        slot = min(self._free)
+        self._free.remove(slot)
+        return slot
 
     def _evicted(self, adapter_id: str, slot: int) -> None:
         self.metrics.adapter_evictions.inc()
