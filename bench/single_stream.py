@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     wall, lx, ttfts = run_loramux(model, args.adapter, texts, args.new_tokens, c.workdir("single_stream"))
     lx_rate = sum(map(len, lx)) / wall
     print(f"loramux: {lx_rate:.1f} tok/s, TTFT p50 {1000 * c.percentile(ttfts, 50):.0f} ms", flush=True)
-    from loramux.model.runner import set_threads
+    from loramux.model.threads import set_threads
 
     set_threads(args.peft_threads)
     wall, peft = run_peft(model, args.adapter, texts, args.new_tokens)

@@ -106,7 +106,7 @@ def peft_a() -> tuple[float, int] | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = c.start(args.snapshot, args.model)
-    from loramux.model.runner import set_threads
+    from loramux.model.threads import set_threads
 
     set_threads(args.threads)
     runner, slots = build(args.adapters)

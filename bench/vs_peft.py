@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     if "loramux" not in skip:
         lx_runs.append(run_loramux(args, adapters, requests, work / "loramux-1"))
     if not {"a", "b"} <= skip:
-        from loramux.model.runner import set_threads
+        from loramux.model.threads import set_threads
 
         set_threads(args.peft_threads)  # 0: torch's default
         started = time.perf_counter()

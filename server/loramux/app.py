@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +28,8 @@ from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
 from loramux.model.loader import DEFAULT_MODEL, ModelSpec, load_base, resolve_device, resolve_dtype
 from loramux.model.prefix import PrefixCache, default_bytes
-from loramux.model.runner import Runner, set_threads
+from loramux.model.runner import Runner
+from loramux.model.threads import apart, single_threaded
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from loramux.pb.loramux.v1 import loramux_pb2_grpc as pb_grpc
 
@@ -35,21 +37,24 @@ log = logging.getLogger("loramux")
 SERVICES = ("loramux.v1.Generation", "loramux.v1.AdapterRegistry")
 
 
-def engine_threads(threads: int) -> int:
-    """Torch threads of the engine thread (0: torch's default, every usable core on CPU)."""
-    set_threads(threads)  # this thread's (loading, calibration); the engine thread sets its own
-    return threads
+def load_runner(cfg: ServerConfig, device, dtype) -> Runner:
+    """The base with its LoRA slots, its cost model measured."""
+    model, tokenizer = load_base(ModelSpec(cfg.model, cfg.quantization, device, dtype))
+    runner = Runner(model, tokenizer, cfg.max_active_adapters, cfg.max_lora_rank, device, dtype)
+    runner.calibrate()
+    return runner
 
 
 def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     """Load the base, attach LoRA slots, and make the adapter tiers and the engine."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.compute_dtype, device)
-    threads = engine_threads(cfg.torch_threads)
     started = time.perf_counter()
-    model, tokenizer = load_base(ModelSpec(cfg.model, cfg.quantization, device, dtype))
-    runner = Runner(model, tokenizer, cfg.max_active_adapters, cfg.max_lora_rank, device, dtype)
-    runner.calibrate()
+    # Loaded and calibrated with the engine's team size on a thread that then ends, and this
+    # thread kept off torch's parallel work: the engine thread's OpenMP team is the only one
+    # (model/threads.py: a second one made every decode step 1.5x slower on 2 cores).
+    runner = apart(lambda: load_runner(cfg, device, dtype), cfg.torch_threads)
+    single_threaded()
     metrics.model_memory.set(runner.model_bytes())
     metrics.lora_slot_memory.set(runner.slot_bytes)
     log.info("model ready in %.1fs: weights %.1f MiB; LoRA slots (%d x rank %d) take up to %.1f MiB, "
@@ -66,7 +71,7 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
                   registry_path=cfg.adapter_dir / registry_file.FILE_NAME, log_requests=cfg.log_requests,
                   max_slot_wait=cfg.max_slot_wait, min_turn=cfg.min_slot_turn,
                   max_prefill_tokens=cfg.max_prefill_tokens,
-                  torch_threads=threads, prefix=PrefixCache(prefix_bytes, metrics) if prefix_bytes else None)
+                  torch_threads=cfg.torch_threads, prefix=PrefixCache(prefix_bytes, metrics) if prefix_bytes else None)
 
 
 class App:
@@ -83,6 +88,9 @@ class App:
         self.port = self.metrics_port = self.http_port = 0
 
     async def start(self) -> None:
+        # Registrations and uploads validate tensors on these threads: one torch thread each.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="loramux-io", initializer=single_threaded))
         self.engine.start()
         self.engine.restore()
         self.watcher.start()

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from loramux.model.grammar import RowGrammar, apply_masks
+from loramux.model.threads import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class MaskPipeline:
 
     def __init__(self, metrics) -> None:
         self.metrics = metrics
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="loramux-masks")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="loramux-masks", initializer=single_threaded)
         self._pending: Future | None = None
         self._pending_s = 0.0  # time the helper spent on the pending masks
 

@@ -48,8 +48,9 @@ from loramux.model.chat import render_chat
 from loramux.model.grammar import Grammars
 from loramux.model.logprobs import token_logprobs
 from loramux.model.prefix import BASE, BLOCK, PrefixCache
-from loramux.model.runner import Batch, Group, Runner, merge, set_threads
+from loramux.model.runner import Batch, Group, Runner, merge
 from loramux.model.sampling import Sampling, make_generator, sample
+from loramux.model.threads import set_threads, single_threaded
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("loramux.requests")
@@ -117,7 +118,7 @@ class Engine:
         self._stop = False
         self._torch_threads = torch_threads  # torch's team size is per thread: the worker sets its own
         self._threads = [threading.Thread(target=self._loop, name="loramux-engine", daemon=True)]
-        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="loramux-prefetch")
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="loramux-prefetch", initializer=single_threaded)
         self.grammars = Grammars(runner.tokenizer, int(runner.model.config.vocab_size), runner.eos_ids)
         self.masks = MaskPipeline(metrics)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from loramux.errors import LoramuxError
 from loramux.lora.files import CONFIG_FILE
+from loramux.model.threads import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class AdapterDirWatcher:
         self._stop.set()
 
     def _run(self) -> None:
+        single_threaded()  # validating adapter files must not start a second OpenMP team
         while not self._stop.wait(self.interval):
             try:
                 self.scan()

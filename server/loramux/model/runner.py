@@ -394,12 +394,6 @@ def split_by_length(lengths: list[int], forward_cost: int) -> list[list[int]]:
     return groups[::-1]
 
 
-def set_threads(threads: int) -> None:
-    """This thread's torch team size (0: leave it; torch's team size is per thread)."""
-    if threads:
-        torch.set_num_threads(threads)
-
-
 def merge(batch: Batch | None, group: Group) -> Batch:
     """The running batch with `group`'s rows after its own (a new batch if none runs)."""
     if batch is None:
