@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import time
 
 import grpc
 import pytest
 
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
-from tests.server import ServerProcess
+from tests.server import ServerProcess, wait_for
 
 PROMPTS = ["Hello world", "The quick brown fox", "a", "Tell me a story about", "1 2 3 4",
            "Once upon a time", "xyz", "Good morning", "def f(x):", "Why is the sky blue?"]
@@ -83,10 +82,7 @@ def test_cancelled_stream_frees_its_row(server):
             next(s)
         for s in streams:
             s.cancel()
-        end = time.monotonic() + 10
-        while server.metrics()["loramux_running_requests"] > 0 and time.monotonic() < end:
-            time.sleep(0.05)
-        assert server.metrics()["loramux_running_requests"] == 0
+        assert wait_for(lambda: server.metrics()["loramux_running_requests"] == 0, timeout=10)
         for s in streams:
             with pytest.raises(grpc.RpcError) as err:
                 list(s)

@@ -22,7 +22,7 @@ import pytest
 from loramux.client import LoramuxClientError
 from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from tests.schemas import SCHEMAS
-from tests.server import ServerProcess, free_port
+from tests.server import ServerProcess, free_port, wait_for
 
 ADAPTERS = ("r4-qv", "r16-all")
 PROMPTS = ["Hello world", "The quick brown fox", "a", "Tell me a story about", "1 2 3 4", "Once upon a time"]
@@ -157,10 +157,7 @@ def test_cancelled_constrained_stream_frees_its_row(server):
         stream.cancel()
         answer = client.generate("a", max_new_tokens=8, choice=["yes", "no"])
         assert answer.text in ("yes", "no")
-        deadline = time.monotonic() + 10
-        while server.metrics()["loramux_running_requests"] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server.metrics()["loramux_running_requests"] == 0
+        assert wait_for(lambda: server.metrics()["loramux_running_requests"] == 0, timeout=10)
 
 
 BAD = [
