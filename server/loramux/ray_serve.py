@@ -14,7 +14,6 @@ HTTP: POST / with JSON {"prompt": ..., "max_new_tokens": ...} and the header
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -57,7 +56,7 @@ class LoramuxReplica:
 
     async def _load(self, adapter_id: str) -> _ResidentAdapter:
         # Warm the host cache; the copy into a device slot happens at admission.
-        await asyncio.to_thread(self.engine.slots.prefetch, adapter_id)
+        await self.engine.prefetch(adapter_id)
         return _ResidentAdapter(self.engine, adapter_id)
 
     async def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.0,

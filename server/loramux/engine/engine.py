@@ -173,6 +173,10 @@ class Engine:
         self._wake.set()
         return req
 
+    async def prefetch(self, adapter_id: str) -> None:
+        """Warm the host cache for an adapter, on the engine's single-threaded prefetch thread."""
+        await asyncio.wrap_future(self._prefetch.submit(self.slots.prefetch, adapter_id))
+
     async def compile(self, constraint) -> object:
         """`_compile` off the event loop: a new schema takes milliseconds, a pathological one
         (or the first, while the grammar tokenizer is still being built) up to a second, and
