@@ -13,8 +13,8 @@ prefetch, the folder watcher, grammar masks) runs torch on one thread: `single_t
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -42,19 +42,6 @@ def single_threaded() -> None:
 
 def apart(fn: Callable[[], T], threads: int, name: str = "loramux-load") -> T:
     """`fn()` run on a new thread with `threads` torch threads (0: torch's default), which
-    ends with it; its result, or its exception raised here."""
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        set_threads(threads)
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    ends with it (leaving the pool joins its thread); its result, or its exception raised here."""
+    with ThreadPoolExecutor(1, thread_name_prefix=name, initializer=set_threads, initargs=(threads,)) as pool:
+        return pool.submit(fn).result()
