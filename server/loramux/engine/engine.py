@@ -68,7 +68,6 @@ class Row:
     parked: bool = False  # on the shelf: its adapter gave its slot up (no pin held)
     namespace: str = BASE  # the identity of the weights its keys and values are made with
     past: object = None  # keys and values of its prompt's cached prefix, until prefilled
-    grammar: object = None  # structured output: the row's RowGrammar, None for free text
     stuck: bool = False  # its grammar cannot take another token: it ends (LENGTH)
 
     @property
@@ -419,7 +418,7 @@ class Engine:
         p = req.params
         sampling = Sampling(p.temperature, p.top_p, p.top_k, p.seed)
         gen = make_generator(sampling, self.runner.device)
-        row = Row(req, TextStream(self.runner.tokenizer, p.stop), sampling, gen, slot, grammar=req.grammar)
+        row = Row(req, TextStream(self.runner.tokenizer, p.stop), sampling, gen, slot)
         if self.prefix is not None:
             row.namespace = self.slots.identity(slot) if req.adapter_id else BASE
         return row
@@ -509,13 +508,13 @@ class Engine:
         n = len(row.req.prompt_ids)
         scores = self.runner.score(self.runner.row_kv(group, i, n)(0, n), last_logits, row.slot, candidates)
         best = choices[scores.index(max(scores))]
-        row.grammar = self._compile(Constraint("choice", choices=(best,)))
+        row.req.grammar = self._compile(Constraint("choice", choices=(best,)))
 
     def _sample(self, rows: list[Row], logits) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token per row, constrained rows only among what their grammars allow, and the
         logprobs of the rows that asked, from the raw logits (before the masks, as before
         temperature: the masks write into `logits`, so those are copied when both are wanted)."""
-        grammars = [r.grammar for r in rows]
+        grammars = [r.req.grammar for r in rows]
         wanted = any(r.req.params.top_logprobs is not None for r in rows)
         raw = logits.clone() if wanted and any(g is not None for g in grammars) else logits
         self.masks.mask(logits, grammars)

@@ -94,7 +94,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cancelled: bool = False
     done: bool = False
-    grammar: object = None  # its constraint's matcher (model.grammar.RowGrammar), compiled at submit
+    grammar: object = None  # its matcher (model.grammar.RowGrammar), compiled at submit; a greedy choice narrows it
     inject_fault: str = ""  # "step" or "crash": set only by fault-injection tests (loramux.faults)
 
     def expired(self, now: float) -> bool:
