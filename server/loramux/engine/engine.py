@@ -307,7 +307,10 @@ class Engine:
                 raise faults.InjectedFault("injected engine crash")
 
     def _join(self, rows: list[Row], group: Group) -> None:
-        self.batch = merge(self.batch, group)
+        # Buffers for a full batch at once: a wave of arrivals joins in several groups, and
+        # growing the rows as they come copied the whole cache each time (~0.5 s a wave of
+        # 32 rows of ~370 tokens on SmolLM2).
+        self.batch = merge(self.batch, group, self.max_batch_size)
         self.rows += rows
 
     def _decode(self) -> None:

@@ -84,16 +84,18 @@ class Batch:
     """
 
     @torch.inference_mode()
-    def __init__(self, group: Group) -> None:
+    def __init__(self, group: Group, rows: int = 0) -> None:
+        """A batch of `group`'s rows, with buffers for `rows` rows (more if the group has
+        more): rows that join later fill them without copying the whole cache."""
         self.n, self.lo, self.hi = 0, 0, 0
         self.next_pos: list[int] = []
         self.slots: list[int] = []
         k0 = group.kv[0][0]
         self._shape = (k0.shape[1], k0.shape[3])  # kv_heads, head_dim
         self._dtype, self._device = k0.dtype, k0.device
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self._device)
+        self.mask = torch.zeros(rows, 0, dtype=torch.long, device=self._device)
         self.cache = DynamicCache()
-        self.cache.layers = [RowLayer(*self._empty(0, 0)) for _ in group.kv]
+        self.cache.layers = [RowLayer(*self._empty(rows, 0)) for _ in group.kv]
         self.append(group)
 
     @property
@@ -394,10 +396,11 @@ def split_by_length(lengths: list[int], forward_cost: int) -> list[list[int]]:
     return groups[::-1]
 
 
-def merge(batch: Batch | None, group: Group) -> Batch:
-    """The running batch with `group`'s rows after its own (a new batch if none runs)."""
+def merge(batch: Batch | None, group: Group, rows: int = 0) -> Batch:
+    """The running batch with `group`'s rows after its own (a new batch, with buffers for
+    `rows` rows, if none runs)."""
     if batch is None:
-        return Batch(group)
+        return Batch(group, rows)
     batch.append(group)
     return batch
 
