@@ -1,8 +1,8 @@
 """The step loop: admit, prefill, decode, stream, on one worker thread.
 
 Each turn of the loop admits waiting requests into free rows (at most
-`--max-prefill-tokens` of prompt per turn while the rows decoding outnumber those waiting;
-every waiting prompt otherwise), prefills them together, streams their first
+`--max-prefill-tokens` of prompt per turn while rows are decoding; every waiting prompt
+when none is), prefills them together, streams their first
 tokens and merges them into the running batch, then decodes one token for every row:
 continuous batching. Prefill goes first, so a wave of requests fills the batch within a
 few turns and every decode step runs as many rows as there are requests (on a 2-core CPU,
@@ -343,7 +343,10 @@ class Engine:
         with self._lock:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
             free = self.max_batch_size - self._admitted.total()
-            budget = self._prefill_budget(free)
+            # The prompt budget protects running rows from a long stall; with none running,
+            # every waiting prompt is prefilled now (a wave of arrivals gets its first tokens
+            # one prefill part after another, not one turn of 512 tokens after another).
+            budget = self.max_prefill_tokens if self.rows or self._prefilled else None
             picked = (self.scheduler.pick(free, self._admitted - self._parked_rows, self.slots.num_slots,
                                           budget, parked=self._parked, now=now, held=self._held,
                                           cost=self._uncached if self.prefix else None)
@@ -360,17 +363,6 @@ class Engine:
             self._look_up(wave)
             self._prefill_parts(wave)
         return bool(picked)
-
-    def _prefill_budget(self, free: int) -> int | None:
-        """Prompt tokens this turn may prefill (None: every waiting prompt that fits a row).
-        The budget protects running rows from a long stall, but only while they are most of
-        the batch: when the requests waiting for rows outnumber them (a wave of arrivals,
-        or clients that all sent again at once), one prefill of them all costs less than
-        budget-sized pieces with a decode step of a part-empty batch between each (a decode
-        step's cost barely depends on its rows on a CPU, a prefill forward's fixed cost is
-        tens of tokens), and the newcomers get their first tokens sooner too."""
-        running = len(self.rows) + sum(len(rows) for rows, _ in self._prefilled)
-        return self.max_prefill_tokens if running and running >= min(free, len(self.scheduler)) else None
 
     def _prefill_parts(self, rows: list[Row]) -> None:
         """Prefill rows in parts of similar length (what each computes, after its cached prefix)."""
