@@ -1,0 +1,211 @@
+"""Measured ceilings of the targets loramux misses on this machine (issues 14 and 16): what
+the model's own steps cost, so the best any scheduler could print with this model and CPU.
+
+In-process on the served model (SmolLM2-135M NF4 by default), wired as the server wires it
+(`bench.common.in_process`: 32 slots padded to rank 16, rank-8 adapters on all 7
+projections), on one torch team as the engine thread runs; no gRPC, no queue, no scheduler:
+
+(1) one client: a request of `--new-tokens` alone is one prefill and new-1 one-row decode
+    forwards; against PEFT `generate` one request at a time on the same chat prompts, timed
+    here too: the ceiling of "one client >= 2x PEFT".
+(2) 32 adapters / one: a decode step of 32 rows (chat prompts of ~34 tokens, 32 steps in,
+    as in bench.vs_llamacpp) over 32 distinct adapters, over one adapter and on the bare
+    base: the ceiling of "32 adapters >= 0.85x one adapter", and the LoRA term's cost.
+(3) prefix cache: one wave of bench.prefix's shared-prefix workload (32 requests over 8
+    adapters, 300-token system prompts, `--new-tokens` each) at its cheapest: cache off, the
+    whole prompts prefilled, one forward per length group (`Runner.prefill_parts`); cache
+    on and warm, their uncached rest only; then the decode steps both share. Their ratio is
+    the ceiling of "throughput >= 3x cache off"; a lone request's prefill on and off bounds
+    "TTFT <= 0.25x".
+
+    python -m bench.ceilings            # ~3 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common as c  # noqa: E402
+from bench.chat_requests import QUESTIONS  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens per answer in (1) and (3)")
+    p.add_argument("--steps", type=int, default=12, help="timed decode steps per median in (2)")
+    p.add_argument("--peft-requests", type=int, default=4, help="PEFT generate requests timed in (1)")
+    p.add_argument("--prefix-tokens", type=int, default=300, help="system prompt tokens in (3)")
+    c.add_run_options(p)
+    return p.parse_args(argv)
+
+
+def _best(fn, repeat: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _step(runner, batch, rows: int, steps: int) -> float:
+    """Median seconds of a decode step of `batch`."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        runner.decode(batch, [5] * rows)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _batch(runner, prompts: list[list[int]], slots: list[int], warm: int):
+    """`prompts` prefilled (one length group per forward) and decoded `warm` steps."""
+    from loramux.model.runner import merge
+
+    batch = None
+    for part in runner.prefill_parts([len(p) for p in prompts]):
+        batch = merge(batch, runner.prefill([prompts[i] for i in part], [slots[i] for i in part])[1], len(prompts))
+    for _ in range(warm):
+        runner.decode(batch, [5] * len(prompts))
+    return batch
+
+
+def chat_prompts(tok, n: int) -> list[list[int]]:
+    return [tok(tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                        add_generation_prompt=True, tokenize=False)).input_ids for i in range(n)]
+
+
+def one_client(runner, slot: int, adapter: str, folder: Path, tok, args) -> dict:
+    """(1): loramux's floor per request against PEFT generate on the same prompts."""
+    from bench.peft_ref import load_peft
+
+    prompts = chat_prompts(tok, args.peft_requests)
+    prefill = statistics.mean(_best(lambda p=p: runner.prefill([p], [slot])) for p in prompts)
+    batch = _batch(runner, prompts[:1], [slot], 4)
+    step = _step(runner, batch, 1, args.steps)
+    floor = args.new_tokens / (prefill + (args.new_tokens - 1) * step)
+    model, _ = load_peft(c.bench_model(), {adapter: folder})
+    import torch
+
+    model.set_adapter(adapter)
+    with torch.inference_mode():
+        ids = [torch.tensor([p]) for p in prompts]
+        model.generate(input_ids=ids[0], max_new_tokens=4, do_sample=False)  # warm
+        start = time.perf_counter()
+        for x in ids:
+            model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        peft = len(ids) * args.new_tokens / (time.perf_counter() - start)
+    del model
+    return {"prefill_ms": 1e3 * prefill, "step_ms": 1e3 * step, "floor_tokens_per_s": floor,
+            "peft_tokens_per_s": peft, "ceiling_x_peft": floor / peft}
+
+
+def adapters_step(runner, slots: list[int], tok, args) -> dict:
+    """(2): one decode step of 32 rows on 32 adapters, one adapter, the bare base."""
+    prompts = chat_prompts(tok, 32)
+    out = {}
+    for name, row_slots in (("bare base", [-1] * 32), ("one adapter", [slots[0]] * 32), ("32 adapters", slots[:32])):
+        batch = _batch(runner, prompts, row_slots, args.new_tokens)
+        out[name] = 1e3 * _step(runner, batch, 32, args.steps)
+    layers = runner.layers.values()
+    out["slot_mib_read_per_step_32"] = 32 * sum(8 * (m.in_features + m.out_features) * 4 for m in layers) / 2**20
+    out["ceiling_32_over_one"] = out["one adapter"] / out["32 adapters"]
+    return out
+
+
+def prefix_wave(runner, slots: list[int], tok, metrics, args) -> dict:
+    """(3): one wave of the shared-prefix workload, cache off and warm cache on."""
+    from bench import prefix as P
+    from loramux.model.prefix import PrefixCache
+
+    spec = argparse.Namespace(adapters=8, prefix_tokens=args.prefix_tokens, seed=c.SEED, new_tokens=args.new_tokens)
+    reqs = P.shared_requests(tok, spec, 32, "ceiling")
+    prompts = [tok(r.prompt).input_ids for r in reqs]
+    row_slots = [slots[int(r.adapter_id[1:])] for r in reqs]  # "a003": adapter 3
+    cache = PrefixCache(4 << 30, metrics)
+    for p, s in zip(prompts, row_slots, strict=True):  # warm: every system prompt cached once
+        if cache.peek(str(s), p) == 0:
+            _, group = runner.prefill([p], [s])
+            cache.insert(str(s), str(s), p, runner.row_kv(group, 0, len(p)))
+    steps = args.new_tokens - 1  # the first token comes out of the prefill
+
+    def wave(pasts) -> tuple[float, float]:
+        from loramux.model.runner import merge
+
+        start, batch = time.perf_counter(), None
+        rest = [len(p) - (0 if q is None else q.shape[3]) for p, q in zip(prompts, pasts, strict=True)]
+        for part in runner.prefill_parts(rest):
+            _, group = runner.prefill([prompts[i] for i in part], [row_slots[i] for i in part],
+                                      [pasts[i] for i in part])
+            batch = merge(batch, group, 32)
+        prefilled = time.perf_counter()
+        for _ in range(steps):
+            runner.decode(batch, [5] * 32)
+        return prefilled - start, time.perf_counter() - prefilled
+
+    off = wave([None] * 32)
+    on_start = time.perf_counter()
+    pasts = [cache.lookup(str(s), p) for p, s in zip(prompts, row_slots, strict=True)]
+    lookup = time.perf_counter() - on_start
+    on = wave(pasts)
+    tokens = 32 * args.new_tokens
+    p0, s0, q0 = prompts[0], row_slots[0], pasts[0]
+    ttft_off = _best(lambda: runner.prefill([p0], [s0]))
+    ttft_on = _best(lambda: runner.prefill([p0], [s0], [cache.lookup(str(s0), p0)]))
+    return {"prompt_tokens": sum(map(len, prompts)), "cached_tokens": sum(q.shape[3] for q in pasts),
+            "off_prefill_s": off[0], "on_prefill_s": on[0] + lookup, "off_decode_s": off[1], "on_decode_s": on[1],
+            "off_tokens_per_s": tokens / sum(off), "on_tokens_per_s": tokens / (sum(on) + lookup),
+            "ceiling_on_over_off": sum(off) / (sum(on) + lookup), "lone_ttft_off_ms": 1e3 * ttft_off,
+            "lone_ttft_on_ms": 1e3 * ttft_on, "lone_ttft_ratio": ttft_on / ttft_off,
+            "hit_rest_tokens": len(p0) - q0.shape[3]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = c.start(args.snapshot, args.model)
+    from loramux.model.threads import set_threads
+
+    set_threads(0)  # every core, as the engine thread
+    runner, store, slot_map, metrics, _ = c.in_process(32, 16)
+    adapters = c.ensure_adapters(32)
+    slots = []
+    for aid, folder in adapters.items():
+        store.add(store.inspect(aid, folder.resolve(), "rpc"))
+        slots.append(slot_map.acquire(aid))
+    tok = runner.tokenizer
+    print(f"commit {env['commit']} ({env['server_code']}), {env['date']}; model {c.MODEL_NAME} nf4", flush=True)
+    c.wait_for_quiet(args.wait_quiet)
+    res = {"adapters": adapters_step(runner, slots, tok, args)}
+    a = res["adapters"]
+    print(f"(2) decode step, 32 rows, ~{34 + args.new_tokens} tokens of context: bare base {a['bare base']:.0f} ms, "
+          f"one adapter {a['one adapter']:.0f} ms, 32 adapters {a['32 adapters']:.0f} ms "
+          f"({a['slot_mib_read_per_step_32']:.0f} MiB of slot weights read): "
+          f"32 / one at most {a['ceiling_32_over_one']:.2f}x (target 0.85)", flush=True)
+    res["prefix"] = p = prefix_wave(runner, slots, tok, metrics, args)
+    print(f"(3) a wave of 32 shared-prefix requests ({p['prompt_tokens']} prompt tokens, {p['cached_tokens']} cached): "
+          f"cache off {p['off_prefill_s']:.1f} s prefill + {p['off_decode_s']:.1f} s decode = "
+          f"{p['off_tokens_per_s']:.0f} tok/s; on {p['on_prefill_s']:.1f} s + {p['on_decode_s']:.1f} s = "
+          f"{p['on_tokens_per_s']:.0f} tok/s: on / off at most {p['ceiling_on_over_off']:.2f}x (target 3); "
+          f"a lone request's prefill {p['lone_ttft_off_ms']:.0f} -> {p['lone_ttft_on_ms']:.0f} ms "
+          f"({p['lone_ttft_ratio']:.2f}x; {p['hit_rest_tokens']} tokens not cached), TTFT target 0.25x", flush=True)
+    aid = next(iter(adapters))
+    res["one_client"] = o = one_client(runner, slots[0], aid, adapters[aid], tok, args)
+    print(f"(1) one client, {args.new_tokens} new tokens: prefill {o['prefill_ms']:.0f} ms + one-row step "
+          f"{o['step_ms']:.0f} ms: at most {o['floor_tokens_per_s']:.1f} tok/s; PEFT generate "
+          f"{o['peft_tokens_per_s']:.1f} tok/s: at most {o['ceiling_x_peft']:.2f}x (target 2)", flush=True)
+    path = c.write_results("ceilings", {"args": vars(args), **res}, env)
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
