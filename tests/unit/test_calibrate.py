@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from loramux.model.calibrate import forward_cost_tokens, lora_costs, transposed_gemm
+from loramux.model.calibrate import forward_cost_tokens, lora_costs
 
 
 def test_forward_cost_is_the_fixed_time_in_tokens_worth():
@@ -24,8 +24,3 @@ def test_lora_costs_are_positive_and_grouped_rows_cost_less_than_an_adapter():
     # One more row of rank 8 in the grouped way is cheaper than one more direct adapter:
     # what makes many small adapters take the grouped way.
     assert 8 * c.row_rank < c.direct
-
-
-def test_transposed_gemm_says_for_each_row_bucket():
-    choice = transposed_gemm([(64, 64), (64, 176)], torch.device("cpu"), buckets=4)
-    assert len(choice) == 4 and all(isinstance(t, bool) for t in choice)

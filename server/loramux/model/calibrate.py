@@ -84,21 +84,3 @@ def forward_cost_tokens(prefill: Callable[[list[list[int]]], object], token: int
     t_long = _seconds(lambda: prefill([[token] * long]), device, repeat=3)
     per_token = max((t_long - t_short) / (long - short), 1e-9)
     return max(t_short - short * per_token, 0.0) / per_token
-
-
-@torch.inference_mode()
-def transposed_gemm(shapes: list[tuple[int, int]], device: torch.device, buckets: int = 8) -> tuple[bool, ...]:
-    """For rows 1, 2, 4, ... 2**(buckets-1): whether `(W @ x^T)^T` beats F.linear over the
-    model's layer shapes (in, out), each weighted by its count (`quant.GemmChoice`). Timed
-    with the weight hot in cache, as the lean forward's freshly dequantized scratch is."""
-    from loramux.model.quant import linear
-
-    out = []
-    for bucket in range(buckets):
-        rows, total = 1 << bucket, [0.0, 0.0]
-        for (d_in, d_out), n in Counter(shapes).items():
-            x, w = torch.randn(rows, d_in, device=device), torch.randn(d_out, d_in, device=device)
-            for way in (0, 1):
-                total[way] += n * _seconds(lambda x=x, w=w, way=way: linear(x, w, None, bool(way)), device, repeat=3)
-        out.append(total[1] < 0.95 * total[0])  # a clear win only: the two are often a tie
-    return tuple(out)

@@ -48,35 +48,6 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-class GemmChoice:
-    """Which way the lean forward multiplies `x @ W^T`, by the rows of `x` (buckets of powers
-    of two, up to 2**(len(transposed) - 1)): as F.linear, or as `(W @ x^T)^T`. The same
-    products summed in another order; MKL's F.linear path is 15-20% slower on a decode step
-    of a few tens of rows on some CPUs and as fast or faster on others and on prompts, so
-    `Runner.calibrate` times both on the model's shapes (`calibrate.transposed_gemm`)."""
-
-    def __init__(self) -> None:
-        self.transposed: tuple[bool, ...] = ()
-
-    def use_transposed(self, rows: int) -> bool:
-        bucket = max(rows - 1, 0).bit_length()  # 1 -> 0, 2 -> 1, 3..4 -> 2, ...
-        return bucket < len(self.transposed) and self.transposed[bucket]
-
-
-GEMM = GemmChoice()
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, or the same as `(weight @ x^T)^T` if `transposed`."""
-    if not transposed:
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.mm(weight, x2.t()).t().contiguous()
-    if bias is not None:
-        y.add_(bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
@@ -140,7 +111,7 @@ def _lean_forward(module, fallback: Callable, lib) -> Callable:
         weight = _scratch.get("weight", rows * cols).view(rows, cols)
         kernel(_ptr(module.weight), _ptr(absmax), _ptr(weight), ctypes.c_longlong(qs.blocksize),
                ctypes.c_longlong(rows), ctypes.c_longlong(cols))
-        return linear(x, weight, module.bias, GEMM.use_transposed(x.numel() // cols))
+        return F.linear(x, weight, module.bias)
 
     return forward
 

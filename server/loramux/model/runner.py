@@ -19,8 +19,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from loramux.lora.layers import attach_stacked_lora, slot_memory
-from loramux.model.calibrate import forward_cost_tokens, lora_costs, transposed_gemm
-from loramux.model.quant import GEMM, lean_4bit
+from loramux.model.calibrate import forward_cost_tokens, lora_costs
+from loramux.model.quant import lean_4bit
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class Runner:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self._lean = lean_4bit(model)  # before wrapping: the LoRA layers call the base layers' forward
+        lean_4bit(model)  # before wrapping: the LoRA layers call the base layers' forward
         self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device)
         # What one more prefill forward costs, in prompt tokens (`calibrate` measures it):
         # on a CPU a forward's fixed cost is dequantizing every layer and Python; on an
@@ -233,14 +233,12 @@ class Runner:
                            self._num_slots, self._max_rank, self._dtype, self.device)
         c = self.ctx.costs
         c.direct, c.group, c.row_rank = costs.direct, costs.group, costs.row_rank
-        if self._lean:
-            GEMM.transposed = transposed_gemm(list(self.layer_shapes.values()), self.device)
         self.forward_cost_tokens = forward_cost_tokens(
             lambda prompts: self.prefill(prompts, [-1] * len(prompts)), self.pad_id or 0, self.device)
         log.info("cost model measured in %.1fs: a prefill forward costs %.0f prompt tokens; per LoRA layer "
-                 "%.0f us per direct adapter, grouped %.0f us + %.2f ns per row x rank; 4-bit layers multiply "
-                 "transposed for rows %s", time.perf_counter() - started, self.forward_cost_tokens, c.direct * 1e6,
-                 c.group * 1e6, c.row_rank * 1e9, [1 << b for b, t in enumerate(GEMM.transposed) if t] or "never")
+                 "%.0f us per direct adapter, grouped %.0f us + %.2f ns per row x rank",
+                 time.perf_counter() - started, self.forward_cost_tokens, c.direct * 1e6, c.group * 1e6,
+                 c.row_rank * 1e9)
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
