@@ -17,6 +17,13 @@ projections), on one torch team as the engine thread runs; no gRPC, no queue, no
     on and warm, their uncached rest only; then the decode steps both share. Their ratio is
     the ceiling of "throughput >= 3x cache off"; a lone request's prefill on and off bounds
     "TTFT <= 0.25x".
+(4) a wave of 32 requests sent at once (bench.vs_llamacpp's chats, every client's first
+    request): whatever the schedule, the median request's first token waits for at least 16
+    prompts' prefill; the best of that, one forward of 16, against one prompt alone bounds
+    "loaded TTFT <= 3x idle" for waves.
+(5) bench.scaling's workload (96 requests, 40-400-token prompts, answers of 16-256 tokens
+    exactly, 32 closed-loop clients) replayed with free prefills: the mean decode batch no
+    scheduler can beat, ramp-up and tail included ("mean decode batch >= 28").
 
     python -m bench.ceilings            # ~3 minutes
 """
@@ -169,6 +176,29 @@ def prefix_wave(runner, slots: list[int], tok, metrics, args) -> dict:
             "hit_rest_tokens": len(p0) - q0.shape[3]}
 
 
+def wave_ttft(runner, tok) -> dict:
+    """(4): 16 chat prompts in one forward against one alone."""
+    prompts = chat_prompts(tok, 16)
+    half = _best(lambda: runner.prefill(prompts, [-1] * 16))
+    one = statistics.median(_best(lambda p=p: runner.prefill([p], [-1])) for p in prompts[:4])
+    return {"prefill_16_ms": 1e3 * half, "prefill_1_ms": 1e3 * one, "floor_loaded_over_idle": half / one}
+
+
+def decode_batch_ceiling(clients: int = 32, requests: int = 96) -> dict:
+    """(5): bench.scaling's closed loop with prefill taking no time: rows per decode step."""
+    reqs = c.make_requests(requests, 32, "uniform", c.SEED, *c.ranges(None, None), ignore_eos=True)
+    waiting = [r.max_new_tokens - 1 for r in reqs]  # decode steps each needs (its first token: prefill)
+    running, steps, rows = [], 0, 0
+    while waiting or running:
+        while waiting and len(running) < clients:  # a client sends its next request at once
+            running.append(waiting.pop(0))
+        running = [n for n in running if n > 0]
+        if running:
+            steps, rows = steps + 1, rows + len(running)
+            running = [n - 1 for n in running]
+    return {"mean_rows_per_step": rows / steps}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = c.start(args.snapshot, args.model)
@@ -197,6 +227,13 @@ def main(argv=None) -> int:
           f"{p['on_tokens_per_s']:.0f} tok/s: on / off at most {p['ceiling_on_over_off']:.2f}x (target 3); "
           f"a lone request's prefill {p['lone_ttft_off_ms']:.0f} -> {p['lone_ttft_on_ms']:.0f} ms "
           f"({p['lone_ttft_ratio']:.2f}x; {p['hit_rest_tokens']} tokens not cached), TTFT target 0.25x", flush=True)
+    res["wave"] = w = wave_ttft(runner, tok)
+    print(f"(4) a wave of 32 chats at once: 16 prompts prefilled in one forward {w['prefill_16_ms']:.0f} ms, one "
+          f"alone {w['prefill_1_ms']:.0f} ms: the median request's TTFT is at least "
+          f"{w['floor_loaded_over_idle']:.1f}x a lone one's (target 3x idle)", flush=True)
+    res["scaling_batch"] = b = decode_batch_ceiling()
+    print(f"(5) bench.scaling's workload with free prefills: at most {b['mean_rows_per_step']:.1f} rows per decode "
+          "step (target 28)", flush=True)
     aid = next(iter(adapters))
     res["one_client"] = o = one_client(runner, slots[0], aid, adapters[aid], tok, args)
     print(f"(1) one client, {args.new_tokens} new tokens: prefill {o['prefill_ms']:.0f} ms + one-row step "
