@@ -108,6 +108,24 @@ def test_selected_group_rows_decode_as_alone(runner):
     assert tokens[1::2] == alone(runner, prompts[2], 4)[0]
 
 
+def test_a_batch_made_for_its_capacity_takes_joining_rows_without_a_relayout(runner):
+    """Groups joining a batch made with buffers for 4 rows are copied into them (the buffers
+    stay the same tensors), and every row still decodes as alone."""
+    prompts = [ids(runner, t) for t in (b"first", b"second row", b"third", b"the fourth row")]
+    firsts, batch, buffers = [], None, []
+    for part in ([0], [1, 2], [3]):
+        logits, group = runner.prefill([prompts[i] for i in part], [-1] * len(part))
+        firsts += [int(row.argmax()) for row in logits]
+        batch = merge(batch, group, 4)
+        buffers.append(batch.cache.layers[0].buf_k)
+    assert batch.mask.shape[0] == 4 and buffers[0] is buffers[1] is buffers[2]
+    tokens = [firsts]
+    for _ in range(3):
+        tokens.append([int(row.argmax()) for row in runner.decode(batch, tokens[-1])])
+    for i, prompt in enumerate(prompts):
+        assert [step[i] for step in tokens] == alone(runner, prompt, 4)[0]
+
+
 def test_a_wide_join_widens_the_buffers_without_growing_their_rows(runner, monkeypatch):
     monkeypatch.setattr(runner_mod, "LEFT_ROOM", 0)
     _, short = runner.prefill([ids(runner, b"hi")], [-1])
