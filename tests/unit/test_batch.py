@@ -110,7 +110,8 @@ def test_selected_group_rows_decode_as_alone(runner):
 
 def test_a_batch_made_for_its_capacity_takes_joining_rows_without_a_relayout(runner):
     """Groups joining a batch made with buffers for 4 rows are copied into them (the buffers
-    stay the same tensors), and every row still decodes as alone."""
+    stay the same tensors), every row still decodes as alone, and buffers short of rows grow
+    to the rows the caller says are about to join."""
     prompts = [ids(runner, t) for t in (b"first", b"second row", b"third", b"the fourth row")]
     firsts, batch, buffers = [], None, []
     for part in ([0], [1, 2], [3]):
@@ -124,6 +125,8 @@ def test_a_batch_made_for_its_capacity_takes_joining_rows_without_a_relayout(run
         tokens.append([int(row.argmax()) for row in runner.decode(batch, tokens[-1])])
     for i, prompt in enumerate(prompts):
         assert [step[i] for step in tokens] == alone(runner, prompt, 4)[0]
+    _, fifth = runner.prefill([ids(runner, b"one more")], [-1])
+    assert merge(batch, fifth, 12).mask.shape[0] == 12  # short of rows: grown to the rows about to join
 
 
 def test_a_wide_join_widens_the_buffers_without_growing_their_rows(runner, monkeypatch):

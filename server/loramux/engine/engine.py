@@ -307,10 +307,12 @@ class Engine:
                 raise faults.InjectedFault("injected engine crash")
 
     def _join(self, rows: list[Row], group: Group) -> None:
-        # Buffers for a full batch at once: a wave of arrivals joins in several groups, and
-        # growing the rows as they come copied the whole cache each time (~0.5 s a wave of
-        # 32 rows of ~370 tokens on SmolLM2).
-        self.batch = merge(self.batch, group, self.max_batch_size)
+        # Buffers for the rows admitted or waiting (a full batch at most): a wave of arrivals
+        # joins in several groups, and growing the rows as they came copied the whole cache
+        # each time (~0.5 s a wave of 32 rows of ~370 tokens on SmolLM2). Sized by demand, not
+        # by --max-batch-size: a lone long request keeps the memory of one row, not of 32.
+        room = min(self._admitted.total() + len(self.scheduler), self.max_batch_size)
+        self.batch = merge(self.batch, group, room)
         self.rows += rows
 
     def _decode(self) -> None:

@@ -127,12 +127,13 @@ class Batch:
             layer.expose(self.n, self.lo, self.hi)
 
     @torch.inference_mode()
-    def append(self, group: Group) -> None:
-        """Copy a prefilled group into free rows, right-aligned to the live columns."""
+    def append(self, group: Group, rows: int = 0) -> None:
+        """Copy a prefilled group into free rows, right-aligned to the live columns; if the
+        buffers are short of rows, they grow to at least `rows` (the rows about to join)."""
         k, width = group.mask.shape
-        rows = self.mask.shape[0]
+        want, rows = rows, self.mask.shape[0]
         if self.n + k > rows or self.hi - width < 0:  # rows grow geometrically, only when short
-            rows = rows if self.n + k <= rows else max(self.n + k, 2 * rows, 8)
+            rows = rows if self.n + k <= rows else max(self.n + k, 2 * rows, 8, want)
             self._relayout(rows, max(width - (self.hi - self.lo), 0) + LEFT_ROOM)
         start, new = self.hi - width, slice(self.n, self.n + k)
         if start < self.lo:  # the window widens left: those columns are padding for old rows
@@ -397,11 +398,11 @@ def split_by_length(lengths: list[int], forward_cost: int) -> list[list[int]]:
 
 
 def merge(batch: Batch | None, group: Group, rows: int = 0) -> Batch:
-    """The running batch with `group`'s rows after its own (a new batch, with buffers for
-    `rows` rows, if none runs)."""
+    """The running batch with `group`'s rows after its own (a new batch if none runs); buffers
+    made or grown now hold at least `rows` rows."""
     if batch is None:
         return Batch(group, rows)
-    batch.append(group)
+    batch.append(group, rows)
     return batch
 
 
