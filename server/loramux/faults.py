@@ -4,6 +4,8 @@ LORAMUX_FAULTS is a comma-separated list of
   step:MARKER          a prefill step raises when a prompt in it contains MARKER
   crash:MARKER         the decode loop raises outside its own error handling when a
                        row whose prompt contains MARKER joins the batch (the last-resort path)
+  join:MARKER          joining the batch fails for the rows prefilled with a prompt
+                       containing MARKER (e.g. out of memory growing the KV buffers)
   load-oom:ID:N        the first N loads of adapter ID raise out-of-memory
 """
 
@@ -22,8 +24,8 @@ class InjectedFault(RuntimeError):
 
 
 def marked(prompt: str) -> str:
-    """The kind of fault ("step", "crash") a prompt asks for; "" for none."""
-    return next((f[0] for f in _spec if f[0] in ("step", "crash") and len(f) == 2 and f[1] in prompt), "")
+    """The kind of fault ("step", "crash", "join") a prompt asks for; "" for none."""
+    return next((f[0] for f in _spec if f[0] in ("step", "crash", "join") and len(f) == 2 and f[1] in prompt), "")
 
 
 def load_should_oom(adapter_id: str) -> bool:

@@ -302,7 +302,14 @@ class Engine:
                 if not keep:
                     continue
                 rows, group = [rows[i] for i in keep], group.select(keep)
-            self._join(rows, group)
+            try:
+                if any(r.req.inject_fault == "join" for r in rows):
+                    raise faults.InjectedFault("injected fault joining the batch")
+                self._join(rows, group)
+            except Exception as exc:  # e.g. out of memory growing the buffers: these rows end, not hang
+                log.exception("joining prefilled rows to the batch failed")
+                self._fail_prefilled(rows, exc)
+                continue
             if any(r.req.inject_fault == "crash" for r in rows):  # checked once per row, not per step
                 raise faults.InjectedFault("injected engine crash")
 
