@@ -41,6 +41,7 @@ if __package__ in (None, ""):
 
 from bench import common as c  # noqa: E402
 from bench.chat_requests import QUESTIONS  # noqa: E402
+from bench.step_cost import build  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,14 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _best(fn, repeat: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _best(runner, fn) -> float:
+    """Best of 3 timed calls after a warm-up, on the runner's device: the start-up
+    calibration's own timer."""
+    from loramux.model.calibrate import _seconds
+
+    return _seconds(fn, runner.device, repeat=3)
 
 
 def _step(runner, batch, rows: int, steps: int) -> float:
@@ -74,13 +73,16 @@ def _step(runner, batch, rows: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def _batch(runner, prompts: list[list[int]], slots: list[int], warm: int):
-    """`prompts` prefilled (one length group per forward) and decoded `warm` steps."""
+def _batch(runner, prompts: list[list[int]], slots: list[int], warm: int, pasts: list | None = None):
+    """`prompts` prefilled after their cached prefixes `pasts` (if any), one length group per
+    forward as the engine groups them, merged into one batch, then decoded `warm` steps."""
     from loramux.model.runner import merge
 
-    batch = None
-    for part in runner.prefill_parts([len(p) for p in prompts]):
-        batch = merge(batch, runner.prefill([prompts[i] for i in part], [slots[i] for i in part])[1], len(prompts))
+    pasts, batch = pasts or [None] * len(prompts), None
+    rest = [len(p) - (0 if q is None else q.shape[3]) for p, q in zip(prompts, pasts, strict=True)]
+    for part in runner.prefill_parts(rest):
+        _, group = runner.prefill([prompts[i] for i in part], [slots[i] for i in part], [pasts[i] for i in part])
+        batch = merge(batch, group, len(prompts))
     for _ in range(warm):
         runner.decode(batch, [5] * len(prompts))
     return batch
@@ -96,7 +98,7 @@ def one_client(runner, slot: int, adapter: str, folder: Path, tok, args) -> dict
     from bench.peft_ref import load_peft
 
     prompts = chat_prompts(tok, args.peft_requests)
-    prefill = statistics.mean(_best(lambda p=p: runner.prefill([p], [slot])) for p in prompts)
+    prefill = statistics.mean(_best(runner, lambda p=p: runner.prefill([p], [slot])) for p in prompts)
     batch = _batch(runner, prompts[:1], [slot], 4)
     step = _step(runner, batch, 1, args.steps)
     floor = args.new_tokens / (prefill + (args.new_tokens - 1) * step)
@@ -150,14 +152,8 @@ def prefix_wave(runner, slots: list[int], tok, metrics, args) -> dict:
     steps = args.new_tokens - 1  # the first token comes out of the prefill
 
     def wave(pasts) -> tuple[float, float]:
-        from loramux.model.runner import merge
-
-        start, batch = time.perf_counter(), None
-        rest = [len(p) - (0 if q is None else q.shape[3]) for p, q in zip(prompts, pasts, strict=True)]
-        for part in runner.prefill_parts(rest):
-            _, group = runner.prefill([prompts[i] for i in part], [row_slots[i] for i in part],
-                                      [pasts[i] for i in part])
-            batch = merge(batch, group, 32)
+        start = time.perf_counter()
+        batch = _batch(runner, prompts, row_slots, 0, pasts)
         prefilled = time.perf_counter()
         for _ in range(steps):
             runner.decode(batch, [5] * 32)
@@ -170,8 +166,8 @@ def prefix_wave(runner, slots: list[int], tok, metrics, args) -> dict:
     on = wave(pasts)
     tokens = 32 * args.new_tokens
     p0, s0, q0 = prompts[0], row_slots[0], pasts[0]
-    ttft_off = _best(lambda: runner.prefill([p0], [s0]))
-    ttft_on = _best(lambda: runner.prefill([p0], [s0], [cache.lookup(str(s0), p0)]))
+    ttft_off = _best(runner, lambda: runner.prefill([p0], [s0]))
+    ttft_on = _best(runner, lambda: runner.prefill([p0], [s0], [cache.lookup(str(s0), p0)]))
     return {"prompt_tokens": sum(map(len, prompts)), "cached_tokens": sum(q.shape[3] for q in pasts),
             "off_prefill_s": off[0], "on_prefill_s": on[0] + lookup, "off_decode_s": off[1], "on_decode_s": on[1],
             "off_tokens_per_s": tokens / sum(off), "on_tokens_per_s": tokens / (sum(on) + lookup),
@@ -183,8 +179,8 @@ def prefix_wave(runner, slots: list[int], tok, metrics, args) -> dict:
 def wave_ttft(runner, tok) -> dict:
     """(4): 16 chat prompts in one forward against one alone."""
     prompts = chat_prompts(tok, 16)
-    half = _best(lambda: runner.prefill(prompts, [-1] * 16))
-    one = statistics.median(_best(lambda p=p: runner.prefill([p], [-1])) for p in prompts[:4])
+    half = _best(runner, lambda: runner.prefill(prompts, [-1] * 16))
+    one = statistics.median(_best(runner, lambda p=p: runner.prefill([p], [-1])) for p in prompts[:4])
     return {"prefill_16_ms": 1e3 * half, "prefill_1_ms": 1e3 * one, "floor_loaded_over_idle": half / one}
 
 
@@ -206,16 +202,12 @@ def decode_batch_ceiling(clients: int = 32, requests: int = 96) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = c.start(args.snapshot, args.model)
+    from loramux.metrics import Metrics
     from loramux.model.threads import set_threads
 
     set_threads(0)  # every core, as the engine thread
-    runner, store, slot_map, metrics, _ = c.in_process(32, 16)
-    adapters = c.ensure_adapters(32)
-    slots = []
-    for aid, folder in adapters.items():
-        store.add(store.inspect(aid, folder.resolve(), "rpc"))
-        slots.append(slot_map.acquire(aid))
-    tok = runner.tokenizer
+    runner, slots = build(32)  # 32 slots padded to rank 16, 32 rank-8 adapters loaded
+    adapters, metrics, tok = c.ensure_adapters(32, log=False), Metrics(), runner.tokenizer
     print(f"commit {env['commit']} ({env['server_code']}), {env['date']}; model {c.MODEL_NAME} nf4", flush=True)
     c.wait_for_quiet(args.wait_quiet)
     res = {"adapters": adapters_step(runner, slots, tok, args)}
