@@ -3,6 +3,8 @@
 FROM python:3.11-slim
 ARG TORCH_INDEX=""
 WORKDIR /app
+# A C++ compiler for the fused 4-bit CPU kernel (scripts/setup.sh builds it once).
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 COPY . /app
 RUN useradd --create-home --uid 10001 loramux && chown -R loramux /app
 USER loramux

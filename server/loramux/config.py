@@ -7,6 +7,7 @@ from pathlib import Path
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+CPU_4BIT_KERNELS = ("fused", "dequantize")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class ServerConfig:
     quantization: str = "nf4"
     compute_dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # auto: cuda if available, else cpu
+    cpu_4bit_kernel: str = "fused"  # fused: loramux's kernel for few rows; dequantize: bitsandbytes' way only
     adapter_dir: Path = Path("adapters")
     allow_adapter_roots: tuple[Path, ...] = ()
     max_active_adapters: int = 32  # device slots
@@ -50,6 +52,7 @@ class ServerConfig:
         checks = [
             (self.quantization in QUANTIZATIONS, f"--quantization must be one of {QUANTIZATIONS}"),
             (self.compute_dtype in DTYPES, f"--compute-dtype must be one of {DTYPES}"),
+            (self.cpu_4bit_kernel in CPU_4BIT_KERNELS, f"--cpu-4bit-kernel must be one of {CPU_4BIT_KERNELS}"),
             (self.max_active_adapters >= 1, "--max-active-adapters must be at least 1"),
             (1 <= self.max_lora_rank <= 1024, "--max-lora-rank must be in [1, 1024]"),
             (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),

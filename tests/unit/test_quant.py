@@ -1,4 +1,5 @@
-"""The lean 4-bit forward gives bitsandbytes' own numbers, bit for bit."""
+"""The lean 4-bit forward gives bitsandbytes' own numbers: bit for bit where it dequantizes
+then multiplies as bitsandbytes does, to float32 rounding where the fused kernel runs."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from loramux.model import quant
+from loramux.model import kernels, quant
 from loramux.model.quant import lean_4bit
+
+ISAS = [isa for isa in ("avx2", "avx512") if kernels.isa() == "avx512" or isa == kernels.isa()]
 
 
 def quantized(quant_type: str, nested: bool, out_features: int, in_features: int) -> torch.nn.Module:
@@ -27,7 +30,9 @@ def test_lean_forward_equals_bitsandbytes(quant_type, nested):
     x = [torch.randn(rows, 3, 256) for rows in (1, 25)]
     with torch.inference_mode():
         expected = [layer(t) for t in x]
-        assert lean_4bit(layer) == 1
+        lean = lean_4bit(layer)
+        assert len(lean.modules) == 1
+        lean.fused_rows = 0  # bitsandbytes' way, without its dispatch
         quant._scratch.buffers.clear()
         got = [layer(t) for t in x]
         assert "weight" in quant._scratch.buffers  # the lean path ran, not a fallback
@@ -61,8 +66,51 @@ def test_new_weight_brings_its_own_block_scales():
     x = torch.randn(2, 64)
     with torch.inference_mode():
         expected = other(x)
-        lean_4bit(layer)
+        lean_4bit(layer).fused_rows = 0  # bitsandbytes' own numbers, bit for bit
         assert layer.lean_absmax.numel() == 64 * 64 // layer.weight.quant_state.blocksize  # kept, counted
         layer(x)
         layer.weight = other.weight
         assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.skipif(not ISAS or not kernels.load(), reason="no AVX2 or no C++ compiler: no fused kernel")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+def test_fused_kernel_equals_bitsandbytes_to_rounding(isa, quant_type, nested):
+    # 400 outputs: full tiles and a ragged last one; rows 1-37 cover every row-block tail.
+    layer = quantized(quant_type, nested, 400, 320)
+    lean = lean_4bit(layer)
+    lean.wide = isa == "avx512"
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 4, 5, 7, 16, 37):
+            x = torch.randn(rows, 320)
+            lean.fused_rows = 0
+            quant._scratch.buffers.clear()
+            expected = layer(x)
+            lean.fused_rows = rows
+            quant._scratch.buffers.clear()
+            got = layer(x)
+            assert "weight" not in quant._scratch.buffers  # the kernel ran, not the dequantize
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            # A batch's rows are independent: row i alone gives the same numbers bit for bit.
+            assert torch.equal(layer(x[:1]), got[:1])
+
+
+@pytest.mark.skipif(not ISAS or not kernels.load(), reason="no AVX2 or no C++ compiler: no fused kernel")
+def test_fused_rows_calibrated_on_the_layers():
+    layer = quantized("nf4", True, 256, 256)
+    lean = lean_4bit(layer)
+    assert lean.fused_rows == 16  # until measured
+    lean.calibrate(repeat=1)
+    assert lean.fused_rows in (0, *lean.ROWS)
+    x = torch.randn(lean.fused_rows + 1, 256)
+    quant._scratch.buffers.clear()
+    with torch.inference_mode():
+        layer(x)
+    assert "weight" in quant._scratch.buffers  # more rows than chosen: dequantize, then MKL
+
+
+def test_fused_kernel_off_keeps_bitsandbytes_way():
+    layer = quantized("nf4", True, 64, 64)
+    assert lean_4bit(layer, fused=False).fused_rows == 0

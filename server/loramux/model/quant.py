@@ -7,6 +7,12 @@ absmax), then runs `F.linear`. On a decode step of the benchmark model that disp
 then the same `F.linear`: the same numbers, less overhead. Where it does not apply (not
 CPU, not float32, training, an unknown layout) bitsandbytes' own forward runs.
 
+For inputs of few rows (decode steps) the fused kernel of `loramux.model.kernels` replaces
+both: it dequantizes a few weight rows at a time into a buffer that stays in cache instead
+of writing the whole float32 weight to memory and reading it back. `Lean4bit.calibrate`
+times both ways on the model's own layers at start-up and sets the row count up to which
+the kernel runs (large prefills amortize the dequantize and keep MKL's matmul).
+
 Double-quantized (nested) block scales are decoded once per layer and kept in float32
 (buffer `lean_absmax`): decoding them again at every call was ~4% of a decode step. They
 cost 4 bytes per 64 weights (1/8 of the 4-bit weight's bytes; counted in the model's
@@ -22,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from loramux.model import kernels
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,12 @@ def _eligible(module) -> bool:
             and (module.bias is None or module.bias.dtype == torch.float32))
 
 
+def _fusable(qs) -> bool:
+    """The layouts the fused kernel takes: a 16-value code, rows and blocks of 16k weights."""
+    return (qs.code.dtype == torch.float32 and qs.code.is_contiguous() and qs.code.numel() == 16
+            and qs.blocksize % 16 == 0 and qs.shape[1] % 16 == 0)
+
+
 def _absmax(qs, lib) -> torch.Tensor:
     """The per-block float32 scales; nested (double-quantized) ones are dequantized, into
     a new tensor that the layer keeps."""
@@ -87,7 +101,52 @@ def _absmax(qs, lib) -> torch.Tensor:
     return out.add_(qs.offset)
 
 
-def _lean_forward(module, fallback: Callable, lib) -> Callable:
+class Lean4bit:
+    """Owns which 4-bit products take the fused kernel: inputs of at most `fused_rows` rows
+    (0: none, e.g. no compiler or no AVX2)."""
+
+    ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the row counts `calibrate` tries
+
+    def __init__(self, modules: list, fused: bool) -> None:
+        self.modules = modules
+        self.wide = kernels.isa() == "avx512"
+        # Until calibrated: decode-sized inputs, where the kernel won on every CPU measured.
+        self.fused_rows = 16 if fused and modules else 0
+
+    @torch.inference_mode()
+    def calibrate(self, repeat: int = 3) -> None:
+        """Time both ways on the first block's layers for each of `ROWS` and keep the kernel
+        up to the last row count where it was at least as fast (it wins at few rows and loses
+        its lead as rows amortize the dequantize, so the first loss ends the search)."""
+        if not self.fused_rows:
+            return
+        from loramux.model.calibrate import _seconds
+
+        layers = _first_block(self.modules)
+        chosen = 0
+        for rows in self.ROWS:
+            xs = [torch.randn(rows, m.in_features) for m in layers]
+            times = []
+            for fused in (rows, 0):
+                self.fused_rows = fused
+                times.append(_seconds(lambda xs=xs: [m(x) for m, x in zip(layers, xs, strict=True)],
+                                      torch.device("cpu"), repeat))
+            if times[0] > times[1]:
+                break
+            chosen = rows
+        self.fused_rows = chosen
+        log.info("fused 4-bit kernel (%s) for inputs of up to %d rows", "avx512" if self.wide else "avx2", chosen)
+
+
+def _first_block(modules: list) -> list:
+    """One of each layer shape, as the model's first block has them."""
+    seen: dict[tuple[int, int], object] = {}
+    for m in modules:
+        seen.setdefault((m.in_features, m.out_features), m)
+    return list(seen.values())
+
+
+def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
     kernel = getattr(lib, _KERNELS[module.weight.quant_state.quant_type])
     kept: list = [None]  # the quant state whose decoded scales `module.lean_absmax` holds
 
@@ -101,6 +160,7 @@ def _lean_forward(module, fallback: Callable, lib) -> Callable:
         return module.lean_absmax
 
     scales(module.weight.quant_state)  # now, not at the first request
+    fusable = _fusable(module.weight.quant_state)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         qs = module.weight.quant_state
@@ -108,6 +168,12 @@ def _lean_forward(module, fallback: Callable, lib) -> Callable:
             return fallback(x)
         rows, cols = qs.shape
         absmax = scales(qs)
+        if fusable and x.numel() <= lean.fused_rows * cols:
+            out = torch.ops.loramux.linear_4bit(x.reshape(-1, cols).contiguous(), module.weight, absmax, qs.code,
+                                                qs.blocksize, rows, lean.wide)
+            if module.bias is not None:
+                out += module.bias
+            return out.view(*x.shape[:-1], rows)
         weight = _scratch.get("weight", rows * cols).view(rows, cols)
         kernel(_ptr(module.weight), _ptr(absmax), _ptr(weight), ctypes.c_longlong(qs.blocksize),
                ctypes.c_longlong(rows), ctypes.c_longlong(cols))
@@ -116,16 +182,14 @@ def _lean_forward(module, fallback: Callable, lib) -> Callable:
     return forward
 
 
-def lean_4bit(model: torch.nn.Module) -> int:
-    """Give every eligible bitsandbytes 4-bit linear of `model` the lean forward; returns
-    how many. Inference only: a call that needs gradients takes bitsandbytes' path."""
+def lean_4bit(model: torch.nn.Module, fused: bool = True) -> Lean4bit:
+    """Give every eligible bitsandbytes 4-bit linear of `model` the lean forward (with the
+    fused kernel for few rows if `fused` and it loads). Inference only: a call that needs
+    gradients takes bitsandbytes' path."""
     lib = _lib()
-    if lib is None:
-        return 0
-    count = 0
-    for module in model.modules():
-        if _eligible(module):
-            module.forward = _lean_forward(module, module.forward, lib)
-            count += 1
-    log.debug("lean 4-bit forward on %d layers", count)
-    return count
+    modules = [m for m in model.modules() if _eligible(m)] if lib is not None else []
+    lean = Lean4bit(modules, fused and bool(modules) and kernels.load())
+    for module in modules:
+        module.forward = _lean_forward(module, module.forward, lib, lean)
+    log.debug("lean 4-bit forward on %d layers", len(modules))
+    return lean

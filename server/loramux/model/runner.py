@@ -212,11 +212,11 @@ class Runner:
     """Owns the model (base + LoRA slots) and the tensors of one step; no scheduling."""
 
     def __init__(self, model, tokenizer, num_slots: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, fused_4bit: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        lean_4bit(model)  # before wrapping: the LoRA layers call the base layers' forward
+        self.lean = lean_4bit(model, fused_4bit)  # before wrapping: the LoRA layers call the base layers' forward
         self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device)
         # What one more prefill forward costs, in prompt tokens (`calibrate` measures it):
         # on a CPU a forward's fixed cost is dequantizing every layer and Python; on an
@@ -230,6 +230,7 @@ class Runner:
     def calibrate(self) -> None:
         """Measure the cost-model constants on this model and device (about a second)."""
         started = time.perf_counter()
+        self.lean.calibrate()  # first: the forward costs below depend on it
         costs = lora_costs([(layer.in_features, layer.out_features) for layer in self.layers.values()],
                            self._num_slots, self._max_rank, self._dtype, self.device)
         c = self.ctx.costs
