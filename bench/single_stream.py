@@ -27,11 +27,13 @@ def prompts(tokenizer, n: int) -> list[str]:
                                           add_generation_prompt=True) for q in QUESTIONS[:n]]
 
 
-def run_loramux(model: Path, adapter: str, texts: list[str], new: int, work: Path) -> tuple[float, list, list]:
+def run_loramux(model: Path, adapter: str, texts: list[str], new: int, work: Path,
+                kernel: str = "fused") -> tuple[float, list, list]:
     from tests.server import ServerProcess
 
     srv = ServerProcess(work, "--model", str(model), "--adapter-dir", str(c.REPO / "adapters"),
-                        "--adapter-scan-interval", "0", "--log-level", "WARNING", env=c.server_env())
+                        "--adapter-scan-interval", "0", "--log-level", "WARNING", "--cpu-4bit-kernel", kernel,
+                        env=c.server_env())
     try:
         with srv.client() as client:
             client.generate(texts[0], adapter, max_new_tokens=4)  # warm
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--peft-threads", type=int, default=0, help="torch threads for PEFT (0: torch's default)")
+    p.add_argument("--dequantize-too", action="store_true",
+                   help="also run loramux with --cpu-4bit-kernel dequantize (bitsandbytes' way), after the first")
     args = p.parse_args(argv)
     if not 1 <= args.requests <= len(QUESTIONS):  # distinct prompts: PeftReference memoises answers
         p.error(f"--requests must be in [1, {len(QUESTIONS)}]")
@@ -86,6 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     wall, lx, ttfts = run_loramux(model, args.adapter, texts, args.new_tokens, c.workdir("single_stream"))
     lx_rate = sum(map(len, lx)) / wall
     print(f"loramux: {lx_rate:.1f} tok/s, TTFT p50 {1000 * c.percentile(ttfts, 50):.0f} ms", flush=True)
+    if args.dequantize_too:
+        wall, dq, ttfts = run_loramux(model, args.adapter, texts, args.new_tokens, c.workdir("single_stream"),
+                                      "dequantize")
+        dq_rate = sum(map(len, dq)) / wall
+        print(f"loramux --cpu-4bit-kernel dequantize: {dq_rate:.1f} tok/s, TTFT p50 "
+              f"{1000 * c.percentile(ttfts, 50):.0f} ms; fused / dequantize {lx_rate / dq_rate:.2f}x, "
+              f"greedy tokens equal in {sum(a == b for a, b in zip(lx, dq, strict=True))}/{len(texts)}", flush=True)
     from loramux.model.threads import set_threads
 
     set_threads(args.peft_threads)

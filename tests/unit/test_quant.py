@@ -114,3 +114,34 @@ def test_fused_rows_calibrated_on_the_layers():
 def test_fused_kernel_off_keeps_bitsandbytes_way():
     layer = quantized("nf4", True, 64, 64)
     assert lean_4bit(layer, fused=False).fused_rows == 0
+
+
+@pytest.mark.skipif(not ISAS or not kernels.load(), reason="no AVX2 or no C++ compiler: no fused kernel")
+def test_fused_kernel_keeps_the_calling_threads_team_size():
+    # The server's engine thread sets its own team size; its other threads then go single-
+    # threaded. A kernel call must not reset the engine's team to that last count (torch's
+    # per-thread lazy init, had it been compiled into the kernel, did: decode on one core).
+    import threading
+
+    from loramux.model.threads import set_threads
+
+    layer = quantized("nf4", True, 256, 256)
+    lean_4bit(layer)
+    started, seen = threading.Event(), []
+
+    def engine() -> None:
+        set_threads(2)
+        started.set()
+        threading.Event().wait(0.2)  # meanwhile another thread goes single-threaded
+        with torch.inference_mode():
+            layer(torch.randn(1, 256))
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=engine)
+    thread.start()
+    started.wait()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    thread.join()
+    torch.set_num_threads(before)
+    assert seen == [2]

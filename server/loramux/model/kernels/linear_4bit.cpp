@@ -8,9 +8,9 @@
 // bitsandbytes' dequantize; only the order of the sums differs, as it does between batch
 // sizes in any GEMM. AVX2 and AVX-512 builds of the same loops; the caller picks one.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -25,6 +25,21 @@ struct Args {
   float* out;
   int64_t M, N, K, blocksize;
 };
+
+// f(begin, end) over [0, n) split among the calling thread's OpenMP team (torch's own,
+// libgomp being loaded once per process). Not at::parallel_for: its per-thread lazy init,
+// compiled into this library, would reset the caller's team size to the count last set on
+// any thread (1, on a server whose other threads run single-threaded).
+template <class F>
+inline void parallel(int64_t n, const F& f) {
+  if (n <= 1 || omp_in_parallel() || omp_get_max_threads() == 1) return f(0, n);
+#pragma omp parallel
+  {
+    const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t chunk = (n + team - 1) / team, begin = std::min(n, id * chunk);
+    f(begin, std::min(n, begin + chunk));
+  }
+}
 
 // Output rows dequantized together: a tile of W stays in L1/L2 while every row of x uses it.
 inline int64_t tile_rows(int64_t K) { return std::max<int64_t>(4, (8192 / K) / 4 * 4); }
@@ -74,7 +89,7 @@ inline int64_t tile_rows(int64_t K) { return std::max<int64_t>(4, (8192 / K) / 4
   }                                                                                           \
   void run(const Args& a) {                                                                   \
     const int64_t K = a.K, N = a.N, M = a.M, tile = tile_rows(K);                             \
-    at::parallel_for(0, (N + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {               \
+    parallel((N + tile - 1) / tile, [&](int64_t t0, int64_t t1) {                             \
       std::vector<float> buf(tile * K);                                                       \
       for (int64_t t = t0; t < t1; ++t) {                                                     \
         const int64_t n0 = t * tile, nr = std::min(tile, N - n0);                             \
