@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from loramux.lora.layers import LoraCosts
+from loramux.model.quant import Lean4bit
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,30 @@ def _shape_costs(d_in: int, d_out: int, num_slots: int, rank: int, z: dict, rows
     one_row, more_rows = _seconds(grouped(1), device), _seconds(grouped(rows), device)
     row_rank = max(more_rows - one_row, 0.0) / (num_slots * (rows - 1) * rank)
     return LoraCosts(_seconds(direct, device), max(one_row - num_slots * rank * row_rank, 0.0), row_rank)
+
+
+@torch.inference_mode()
+def fused_4bit_rows(lean: Lean4bit, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                    repeat: int = 3) -> int:
+    """Up to how many input rows the fused 4-bit kernel beats dequantize-then-matmul on the
+    model's own layer shapes (one of each), 0 if it never does. It wins at few rows and loses
+    its lead as rows amortize the dequantize, so the first loss ends the search."""
+    if not lean.fused_rows:
+        return 0
+    layers, chosen = lean.first_block(), 0
+    for n in rows:
+        xs = [torch.randn(n, m.in_features) for m in layers]
+        times = []
+        for fused in (n, 0):
+            lean.fused_rows = fused
+            times.append(_seconds(lambda xs=xs: [m(x) for m, x in zip(layers, xs, strict=True)],
+                                  torch.device("cpu"), repeat))
+        if times[0] > times[1]:
+            break
+        chosen = n
+    lean.fused_rows = chosen
+    log.info("fused 4-bit kernel (%s) for inputs of up to %d rows", "avx512" if lean.wide else "avx2", chosen)
+    return chosen
 
 
 def forward_cost_tokens(prefill: Callable[[list[list[int]]], object], token: int, device: torch.device,

@@ -9,7 +9,7 @@ CPU, not float32, training, an unknown layout) bitsandbytes' own forward runs.
 
 For inputs of few rows (decode steps) the fused kernel of `loramux.model.kernels` replaces
 both: it dequantizes a few weight rows at a time into a buffer that stays in cache instead
-of writing the whole float32 weight to memory and reading it back. `Lean4bit.calibrate`
+of writing the whole float32 weight to memory and reading it back. `calibrate.fused_4bit_rows`
 times both ways on the model's own layers at start-up and sets the row count up to which
 the kernel runs (large prefills amortize the dequantize and keep MKL's matmul).
 
@@ -105,45 +105,19 @@ class Lean4bit:
     """Owns which 4-bit products take the fused kernel: inputs of at most `fused_rows` rows
     (0: none, e.g. no compiler or no AVX2)."""
 
-    ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the row counts `calibrate` tries
-
     def __init__(self, modules: list, fused: bool) -> None:
         self.modules = modules
         self.wide = kernels.isa() == "avx512"
-        # Until calibrated: decode-sized inputs, where the kernel won on every CPU measured.
+        # Until measured (`calibrate.fused_4bit_rows`): decode-sized inputs, where the kernel
+        # won on every CPU tried.
         self.fused_rows = 16 if fused and modules else 0
 
-    @torch.inference_mode()
-    def calibrate(self, repeat: int = 3) -> None:
-        """Time both ways on the first block's layers for each of `ROWS` and keep the kernel
-        up to the last row count where it was at least as fast (it wins at few rows and loses
-        its lead as rows amortize the dequantize, so the first loss ends the search)."""
-        if not self.fused_rows:
-            return
-        from loramux.model.calibrate import _seconds
-
-        layers = _first_block(self.modules)
-        chosen = 0
-        for rows in self.ROWS:
-            xs = [torch.randn(rows, m.in_features) for m in layers]
-            times = []
-            for fused in (rows, 0):
-                self.fused_rows = fused
-                times.append(_seconds(lambda xs=xs: [m(x) for m, x in zip(layers, xs, strict=True)],
-                                      torch.device("cpu"), repeat))
-            if times[0] > times[1]:
-                break
-            chosen = rows
-        self.fused_rows = chosen
-        log.info("fused 4-bit kernel (%s) for inputs of up to %d rows", "avx512" if self.wide else "avx2", chosen)
-
-
-def _first_block(modules: list) -> list:
-    """One of each layer shape, as the model's first block has them."""
-    seen: dict[tuple[int, int], object] = {}
-    for m in modules:
-        seen.setdefault((m.in_features, m.out_features), m)
-    return list(seen.values())
+    def first_block(self) -> list:
+        """One layer of each shape, as the model's first block has them."""
+        seen: dict[tuple[int, int], object] = {}
+        for m in self.modules:
+            seen.setdefault((m.in_features, m.out_features), m)
+        return list(seen.values())
 
 
 def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from loramux.lora.layers import attach_stacked_lora, slot_memory
-from loramux.model.calibrate import forward_cost_tokens, lora_costs
+from loramux.model.calibrate import forward_cost_tokens, fused_4bit_rows, lora_costs
 from loramux.model.quant import lean_4bit
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class Runner:
     def calibrate(self) -> None:
         """Measure the cost-model constants on this model and device (about a second)."""
         started = time.perf_counter()
-        self.lean.calibrate()  # first: the forward costs below depend on it
+        fused_4bit_rows(self.lean)  # first: the forward costs below depend on it
         costs = lora_costs([(layer.in_features, layer.out_features) for layer in self.layers.values()],
                            self._num_slots, self._max_rank, self._dtype, self.device)
         c = self.ctx.costs
