@@ -31,7 +31,7 @@ from loramux.model.cache import default_cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("linear_4bit.cpp")
-_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-DNDEBUG"]
+_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-DNDEBUG"]
 _lock = threading.Lock()
 _loaded: dict[str, bool] = {}
 
@@ -42,16 +42,25 @@ def isa() -> str | None:
     return {"AVX512": "avx512", "AVX2": "avx2"}.get(capability)
 
 
-def _command(out: Path) -> list[str]:
+def _openmp_runtime() -> str:
+    """The OpenMP runtime to link: the one torch's wheel bundles if it does (with -fopenmp
+    the linker would take the system's; a second runtime in the process is a second thread
+    team, `model.threads`)."""
+    bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return str(bundled[0]) if bundled else "-lgomp"
+
+
+def _commands(obj: Path, out: Path) -> list[list[str]]:
+    """Compile, then link (two steps, so that -fopenmp does not choose the runtime)."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [
-        os.environ.get("CXX", "c++"), *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
-        str(SOURCE), "-o", str(out),
-        *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu", "-ltorch",
-    ]
+    cxx, abi = os.environ.get("CXX", "c++"), int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    compile_ = [cxx, "-c", *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
+                f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(obj)]
+    libs = library_paths()
+    link = [cxx, "-shared", str(obj), "-o", str(out), *(f"-L{p}" for p in libs),
+            *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu", "-ltorch", _openmp_runtime()]
+    return [compile_, link]
 
 
 def library_path() -> Path:
@@ -71,9 +80,10 @@ def build() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".linear_4bit-", dir=target.parent))
     try:
         out = tmp / target.name
-        done = subprocess.run(_command(out), capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        for command in _commands(tmp / "linear_4bit.o", out):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
         os.replace(out, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

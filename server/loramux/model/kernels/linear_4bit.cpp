@@ -26,18 +26,18 @@ struct Args {
   int64_t M, N, K, blocksize;
 };
 
-// f(begin, end) over [0, n) split among the calling thread's OpenMP team (torch's own,
-// libgomp being loaded once per process). Not at::parallel_for: its per-thread lazy init,
-// compiled into this library, would reset the caller's team size to the count last set on
-// any thread (1, on a server whose other threads run single-threaded).
+// f(begin, end, thread) over [0, n) split among the calling thread's OpenMP team (torch's
+// own: the library links the runtime torch loads). Not at::parallel_for: its per-thread lazy
+// init, compiled into this library, would reset the caller's team size to the count last set
+// on any thread (1, on a server whose other threads run single-threaded). f must not throw.
 template <class F>
 inline void parallel(int64_t n, const F& f) {
-  if (n <= 1 || omp_in_parallel() || omp_get_max_threads() == 1) return f(0, n);
+  if (n <= 1 || omp_in_parallel() || omp_get_max_threads() == 1) return f(0, n, 0);
 #pragma omp parallel
   {
     const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t chunk = (n + team - 1) / team, begin = std::min(n, id * chunk);
-    f(begin, std::min(n, begin + chunk));
+    f(begin, std::min(n, begin + chunk), id);
   }
 }
 
@@ -89,14 +89,16 @@ inline int64_t tile_rows(int64_t K) { return std::max<int64_t>(4, (8192 / K) / 4
   }                                                                                           \
   void run(const Args& a) {                                                                   \
     const int64_t K = a.K, N = a.N, M = a.M, tile = tile_rows(K);                             \
-    parallel((N + tile - 1) / tile, [&](int64_t t0, int64_t t1) {                             \
-      std::vector<float> buf(tile * K);                                                       \
+    /* each thread's tile buffer, made before the parallel region (nothing in it may throw) */ \
+    std::vector<float> bufs(omp_get_max_threads() * tile * K);                                \
+    parallel((N + tile - 1) / tile, [&](int64_t t0, int64_t t1, int64_t id) {                 \
+      float* buf = bufs.data() + id * tile * K;                                               \
       for (int64_t t = t0; t < t1; ++t) {                                                     \
         const int64_t n0 = t * tile, nr = std::min(tile, N - n0);                             \
-        dequant(a, n0 * K, nr * K, buf.data());                                               \
+        dequant(a, n0 * K, nr * K, buf);                                                      \
         int64_t m = 0;                                                                        \
-        for (; m + kMR <= M; m += kMR) rows<kMR>(a.x + m * K, K, buf.data(), nr, a.out + m * N + n0, N); \
-        for (; m < M; ++m) rows<1>(a.x + m * K, K, buf.data(), nr, a.out + m * N + n0, N);     \
+        for (; m + kMR <= M; m += kMR) rows<kMR>(a.x + m * K, K, buf, nr, a.out + m * N + n0, N); \
+        for (; m < M; ++m) rows<1>(a.x + m * K, K, buf, nr, a.out + m * N + n0, N);            \
       }                                                                                       \
     });                                                                                       \
   }
