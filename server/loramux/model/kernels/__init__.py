@@ -7,7 +7,7 @@ hashes the source, torch's version and the flags: a new torch or a changed kerne
 again, the same ones never do. The build writes a temporary file renamed into place when
 complete, so concurrent servers or an interrupted build never load half a library (and
 nothing waits on a lock file a killed build left behind, as torch's own JIT loader can).
-Where there is no compiler or no AVX2, `load` returns None and the caller keeps
+Where there is no compiler or no AVX2, `load` returns False and the caller keeps
 bitsandbytes' dequantize-then-matmul.
 """
 
