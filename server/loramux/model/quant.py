@@ -122,36 +122,35 @@ class Lean4bit:
 
 def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
     kernel = getattr(lib, _KERNELS[module.weight.quant_state.quant_type])
-    kept: list = [None]  # the quant state whose decoded scales `module.lean_absmax` holds
+    kept: list = [None, None, None, False]  # quant state, its float32 scales, packed weight, fusable
 
-    def scales(qs) -> torch.Tensor:
-        if not qs.nested:
-            return qs.absmax
-        if kept[0] is not qs:  # a new weight (e.g. loaded again) brings new scales
-            # A buffer, so that the model's memory footprint (and its metric) counts them.
-            module.register_buffer("lean_absmax", _absmax(qs, lib), persistent=False)
-            kept[0] = qs
-        return module.lean_absmax
+    def state(qs) -> list:
+        """What the current weight's products need, made again when a new weight (e.g. loaded
+        again) brings a new quant state."""
+        if kept[0] is not qs:
+            if qs.nested:  # a buffer, so that the model's memory footprint (and its metric) counts them
+                module.register_buffer("lean_absmax", _absmax(qs, lib), persistent=False)
+            # .data: a plain tensor; Params4bit would route the kernel call through its Python
+            # __torch_function__ (a few us, 210 times a step).
+            kept[:] = [qs, module.lean_absmax if qs.nested else qs.absmax, module.weight.data, _fusable(qs)]
+        return kept
 
-    scales(module.weight.quant_state)  # now, not at the first request
-    fusable = _fusable(module.weight.quant_state)
+    state(module.weight.quant_state)  # now, not at the first request
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         qs = module.weight.quant_state
         if x.dtype != torch.float32 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             return fallback(x)
         rows, cols = qs.shape
-        absmax = scales(qs)
+        _, absmax, packed, fusable = state(qs)
         if fusable and x.numel() <= lean.fused_rows * cols:
-            # .data: a plain tensor; Params4bit itself would route the op through its Python
-            # __torch_function__ (a few us, 210 times a step).
-            out = torch.ops.loramux.linear_4bit(x.reshape(-1, cols).contiguous(), module.weight.data, absmax, qs.code,
+            out = torch.ops.loramux.linear_4bit(x.reshape(-1, cols).contiguous(), packed, absmax, qs.code,
                                                 qs.blocksize, rows, lean.wide)
             if module.bias is not None:
                 out += module.bias
             return out.view(*x.shape[:-1], rows)
         weight = _scratch.get("weight", rows * cols).view(rows, cols)
-        kernel(_ptr(module.weight), _ptr(absmax), _ptr(weight), ctypes.c_longlong(qs.blocksize),
+        kernel(_ptr(packed), _ptr(absmax), _ptr(weight), ctypes.c_longlong(qs.blocksize),
                ctypes.c_longlong(rows), ctypes.c_longlong(cols))
         return F.linear(x, weight, module.bias)
 
