@@ -13,6 +13,7 @@ bitsandbytes' dequantize-then-matmul.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -20,7 +21,6 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("linear_4bit.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-DNDEBUG"]
-_lock = threading.Lock()
-_loaded: dict[str, bool] = {}
 
 
 def isa() -> str | None:
@@ -91,15 +89,9 @@ def build() -> Path:
     return target
 
 
+@functools.cache
 def load() -> bool:
     """Make `torch.ops.loramux.linear_4bit` available; False (logged once) where it cannot be."""
-    with _lock:
-        if "ok" not in _loaded:
-            _loaded["ok"] = _try_load()
-        return _loaded["ok"]
-
-
-def _try_load() -> bool:
     if isa() is None:
         log.info("no AVX2 on this CPU: 4-bit layers dequantize then matmul")
         return False
