@@ -662,7 +662,7 @@ def _json_default(value):
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def in_process(num_slots: int, max_rank: int, device_name: str = "cpu", fused_4bit: bool = True):
+def in_process(num_slots: int, max_rank: int, device_name: str = "cpu"):
     """The 4-bit bench model wired as `app.build_engine` wires it, in this process: (runner,
     store, slots, metrics, device) with `num_slots` device slots padded to `max_rank`.
     Imported late: `start` may first put a snapshot of the code on the path."""
@@ -675,7 +675,7 @@ def in_process(num_slots: int, max_rank: int, device_name: str = "cpu", fused_4b
     device = resolve_device(device_name)
     dtype = resolve_dtype("auto", device)
     model, tokenizer = load_base(ModelSpec(str(bench_model()), "nf4", device, dtype))
-    runner = Runner(model, tokenizer, num_slots, max_rank, device, dtype, fused_4bit=fused_4bit)
+    runner = Runner(model, tokenizer, num_slots, max_rank, device, dtype)
     runner.calibrate()
     store = AdapterStore(runner.layer_shapes, (adapters_root().resolve(),), max_rank, 1 << 30, dtype)
     metrics = Metrics()
