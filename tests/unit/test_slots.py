@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from loramux.errors import NotFound
+from loramux.errors import FailedPrecondition, InvalidArgument, NotFound
 from loramux.lora.layers import attach_stacked_lora
 from loramux.lora.slots import AdapterSlots, SlotsFull
 from loramux.lora.store import AdapterStore
@@ -155,6 +155,7 @@ def test_an_adapter_that_overflows_harms_no_other_row(setup, tmp_path, way):
     force(ctx, way)
     slots.store.add(slots.store.inspect("huge", write_adapter(tmp_path / "huge", rank=2, value=3e38), "rpc"))
     x = torch.randn(3, 2, IN)
+    x[2] = 1.0  # its row overflows for sure (a random one may sum to less than 1)
     huge, sb = slots.acquire("huge"), slots.acquire("b")
     ctx.set([-1, sb, -1], torch.device("cpu"))
     want = model(x)
@@ -179,3 +180,35 @@ def test_a_slot_loaded_again_is_used_at_once(setup):
     assert slots.acquire("c") == s
     ctx.set(row_slots, torch.device("cpu"))
     assert torch.allclose(model(x), reference(model, x, row_slots, ctx), atol=1e-5)
+
+
+def test_a_smaller_adapter_in_a_slot_leaves_no_row_of_the_larger_one(setup):
+    """Slots are loaded with batched copies of the adapter's rows only: rows a larger adapter
+    wrote before must read zero (the grouped way reads up to the batch's largest rank), both
+    when the slot is evicted first and when it is loaded over."""
+    model, ctx, slots, _ = setup
+    layer = slots.layers["layers.0"]
+    s = slots.acquire("b")  # rank 3
+    slots.release("b")
+    slots.acquire("c")  # the other slot (rank 2)
+    assert slots.acquire("a") == s  # rank 2, where b was
+    assert layer.written[s] == 2 and layer.scales[s] == float(layer.scaling[s]) == pytest.approx(1.0)
+    assert torch.equal(layer.lora_a[s, :2], torch.full((2, IN), 1.0))
+    assert not layer.lora_a[s, 2:].any() and not layer.lora_bt[s, 2:].any()
+    layer.load_slot(s, torch.full((4, IN), 2.0), torch.full((4, OUT), 2.0), 0.5)
+    layer.load_slot(s, torch.full((1, IN), 3.0), torch.full((1, OUT), 3.0), 0.25)  # over it, no wipe between
+    assert layer.written[s] == 1 and float(layer.scaling[s]) == layer.scales[s] == 0.25
+    assert not layer.lora_a[s, 1:].any() and not layer.lora_bt[s, 1:].any()
+    layer.load_slot(s, None, None, 0.0)
+    assert not layer.lora_a[s].any() and not layer.lora_bt[s].any() and float(layer.scaling[s]) == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_by_name(setup, tmp_path, bad):
+    _, _, slots, _ = setup
+    slots.store.add(slots.store.inspect("bad", write_adapter(tmp_path / "bad", rank=2, value=bad), "rpc"))
+    with pytest.raises(InvalidArgument, match="layers.0 holds NaN or infinite values"):
+        slots.store.load_weights(slots.store.get("bad"))
+    with pytest.raises(FailedPrecondition, match="cannot be loaded"):
+        slots.acquire("bad")
+    assert slots.acquire("a") >= 0  # the slot it would have taken is free again

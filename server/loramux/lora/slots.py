@@ -18,7 +18,7 @@ from cachetools import Cache, LRUCache
 
 from loramux import faults
 from loramux.errors import FailedPrecondition, Internal, InvalidArgument, LoramuxError, ResourceExhausted
-from loramux.lora.layers import StackedLoraLinear, slot_memory
+from loramux.lora.layers import StackedLoraLinear, copy_into_slots, slot_memory
 from loramux.lora.store import AdapterRecord, AdapterStore, AdapterWeights
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,7 @@ class AdapterSlots:
         self._free.append(slot)
 
     def _wipe(self, slot: int) -> None:
-        for layer in self.layers.values():
-            layer.load_slot(slot, None, None, 0.0)
+        copy_into_slots([c for layer in self.layers.values() for c in layer.stage_slot(slot, None, None, 0.0)])
         self.ranks[slot] = 0
         self._identity.pop(slot, None)
 
@@ -210,9 +209,8 @@ class AdapterSlots:
             raise torch.OutOfMemoryError("injected out-of-memory")
         weights = self._host_weights(record)
         try:
-            for name, layer in self.layers.items():
-                a, bt, scaling = weights.layers.get(name, (None, None, 0.0))
-                layer.load_slot(slot, a, bt, scaling)
+            copy_into_slots([c for name, layer in self.layers.items()
+                             for c in layer.stage_slot(slot, *weights.layers.get(name, (None, None, 0.0)))])
             self.ranks[slot] = record.rank
             self._identity[slot] = weights.identity
         except torch.OutOfMemoryError:
