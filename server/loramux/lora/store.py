@@ -61,6 +61,16 @@ class AdapterWeights:
         return sum(a.nbytes + b.nbytes for a, b, _ in self.layers.values())
 
 
+def _check_finite(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], wpath: Path) -> None:
+    """Refuse NaN or infinite weights: one batched max |w| over every tensor (two checks per
+    tensor, 420 on SmolLM2's 7 projections, were ~20 ms of a ~50 ms load)."""
+    flat = [t for pair in pairs.values() for t in pair if t.numel()]
+    if not flat or torch.isfinite(torch.stack(torch._foreach_max(torch._foreach_abs(flat)))).all():
+        return
+    bad = next(module for module, pair in pairs.items() if not all(torch.isfinite(t).all() for t in pair))
+    raise InvalidArgument(f"{wpath}: {bad} holds NaN or infinite values")
+
+
 def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
@@ -219,10 +229,9 @@ class AdapterStore:
             raise InvalidArgument(f"{wpath}: cannot read tensors ({exc})") from None
         digest = hashlib.sha256(data)
         digest.update(json.dumps(record.scalings, sort_keys=True).encode())
-        layers = {}
-        for module, pair in record.tensor_names.items():
-            a, b = tensors[pair["A"]].to(self.dtype), tensors[pair["B"]].to(self.dtype)
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise InvalidArgument(f"{wpath}: {module} holds NaN or infinite values")
-            layers[module] = (a.contiguous(), b.T.contiguous(), record.scalings[module])
+        pairs = {module: (tensors[pair["A"]].to(self.dtype), tensors[pair["B"]].to(self.dtype))
+                 for module, pair in record.tensor_names.items()}
+        _check_finite(pairs, wpath)
+        layers = {module: (a.contiguous(), b.T.contiguous(), record.scalings[module])
+                  for module, (a, b) in pairs.items()}
         return AdapterWeights(layers, digest.hexdigest())
