@@ -52,8 +52,29 @@ def test_each_row_gets_its_own_adapter(costs, rows):
         want = torch.stack([expected(layer, weights, x[:, t], rows) for t in range(3)], dim=1)
     torch.testing.assert_close(got, want)
     plan = layer.ctx.plan(3)
+    used = [s for s in rows if s >= 0]
+    if len(set(used)) > 1:  # prompts of several adapters take the row-wise way, whatever the costs
+        assert plan.row_slots.tolist() == used and plan.gather is None and not plan.direct
+        with_adapter = [i for i, s in enumerate(rows) if s >= 0]
+        assert (plan.rows is None) if len(used) == len(rows) else plan.rows.tolist() == with_adapter
+    else:
+        assert plan.row_slots is None and (plan.gather is None) == (costs is DIRECT)
+
+
+@pytest.mark.parametrize("costs", [GROUPED, DIRECT], ids=["grouped", "direct"])
+@pytest.mark.parametrize("rows", [[2, 5, 5, -1, 3], [0, 6, -1, 6, 0, 4, 4, 4]])
+def test_decode_steps_take_the_ways_the_costs_choose(costs, rows):
+    layer, weights = layer_with({0: 2, 2: 4, 3: 1, 4: 4, 5: 3, 6: 2, 7: 4}, costs)
+    x = torch.randn(len(rows), 1, D_IN)
+    layer.ctx.set(rows, torch.device("cpu"))
+    with torch.inference_mode():
+        got = layer(x)
+        want = expected(layer, weights, x[:, 0], rows).unsqueeze(1)
+    torch.testing.assert_close(got, want)
+    plan = layer.ctx.plan(1)
+    used = [s for s in rows if s >= 0]
+    assert plan.row_slots is None
     if costs is GROUPED:
-        used = [s for s in rows if s >= 0]
         assert plan.span == slice(min(used), max(used) + 1) and not plan.direct
     else:
-        assert plan.gather is None
+        assert plan.gather is None and len(plan.direct) == len(set(used))

@@ -122,7 +122,11 @@ def test_every_way_gives_each_row_its_own_adapter(setup, way, tokens, adapters):
     ctx.set(row_slots, torch.device("cpu"))
     out = model(x)
     plan = ctx.plan(tokens)
-    assert (plan.gather is None) == (way == "direct") and bool(plan.direct) == (way == "direct")
+    if tokens > 1 and adapters == "ab":  # prompts of several adapters: the row-wise way, whatever the costs
+        assert plan.row_slots.tolist() == [acquired[0], acquired[1], acquired[0]] and plan.rows.tolist() == [0, 2, 3]
+        assert plan.gather is None and not plan.direct
+    else:
+        assert (plan.gather is None) == (way == "direct") and bool(plan.direct) == (way == "direct")
     assert torch.allclose(out, reference(model, x, row_slots, ctx), atol=1e-5)
     ctx.set([-1] * 4, torch.device("cpu"))
     assert torch.equal(out[1], model(x)[1])  # the bare-base row is the base, bit for bit
@@ -148,19 +152,23 @@ def test_slot_tensors_wait_for_an_adapter_that_targets_the_layer(tmp_path):
     assert layer.lora_a.shape == (2, 4, IN) and layer.lora_bt.shape == (2, 4, OUT)
 
 
-@pytest.mark.parametrize("way", ["direct", "grouped"])
-def test_an_adapter_that_overflows_harms_no_other_row(setup, tmp_path, way):
+@pytest.mark.parametrize(("way", "tokens"), [("direct", 1), ("grouped", 1), ("direct", 2)],
+                         ids=["direct", "grouped", "row-wise"])  # 2 tokens of 2 adapters: row-wise
+@pytest.mark.parametrize("bare", [True, False])
+def test_an_adapter_that_overflows_harms_no_other_row(setup, tmp_path, way, tokens, bare):
     """Finite but huge weights pass the file checks; their inf must stay in their own rows."""
     model, ctx, slots, _ = setup
     force(ctx, way)
     slots.store.add(slots.store.inspect("huge", write_adapter(tmp_path / "huge", rank=2, value=3e38), "rpc"))
-    x = torch.randn(3, 2, IN)
+    x = torch.randn(3, tokens, IN)
     x[2] = 1.0  # its row overflows for sure (a random one may sum to less than 1)
     huge, sb = slots.acquire("huge"), slots.acquire("b")
-    ctx.set([-1, sb, -1], torch.device("cpu"))
+    first = -1 if bare else sb
+    ctx.set([first, sb, -1], torch.device("cpu"))
     want = model(x)
-    ctx.set([-1, sb, huge], torch.device("cpu"))
+    ctx.set([first, sb, huge], torch.device("cpu"))
     got = model(x)
+    assert (ctx.plan(tokens).row_slots is not None) == (tokens > 1)
     assert not torch.isfinite(got[2]).all()  # the overflowing row itself
     assert torch.isfinite(got[:2]).all()
     torch.testing.assert_close(got[:2], want[:2])

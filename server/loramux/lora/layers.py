@@ -4,7 +4,7 @@ A batch row carries its slot index. Each forward's rows are planned once (`RowSl
 every wrapped layer applies the plan to its own slot tensors: no copy of any adapter's
 weights at any step, and work that follows the rows' tokens, not the number of slots.
 
-Two ways, mixed in one forward by a cost model (`LoraCosts`):
+Decode steps take two ways, mixed in one forward by a cost model (`LoraCosts`):
 - *direct*: the tokens of one adapter (most often all rows of one adapter, or a whole
   prompt) through two matmuls on views of its slot: `y += s * (x A^T) B^T`. A few tensor
   ops per adapter per layer.
@@ -15,6 +15,12 @@ Two ways, mixed in one forward by a cost model (`LoraCosts`):
   tokens, or none, computes rows nobody reads).
 With 32 rows of 32 adapters a decode step takes the grouped way (6 ops per layer instead
 of ~130); one adapter, or a prompt, takes the direct way (2-4 ops, no padding).
+
+Prompts of several adapters take a third, *row-wise*: each row's slot weights gathered into
+[rows, r, features] (a few rank rows per row, fewer bytes than its tokens), then two batched
+matmuls over the rows as they lie, the second adding into the output in place: 5 ops per
+layer, no token gather, scatter or padding. The direct way there cost 4 ops per adapter per
+layer (8 prompts of 8 adapters: ~25% more than 8 prompts of one; now within noise of it).
 
 Slot tensors are allocated per layer on the first adapter that targets it, so a server
 whose adapters only touch attention pays nothing for the MLP layers. B is stored
@@ -53,6 +59,10 @@ class Plan:
     span: slice = field(default_factory=lambda: slice(0))  # the grouped slots lie in this range: only it is computed
     valid: torch.Tensor | None = None  # grouped positions that hold a real token (None: all)
     tokens: torch.Tensor | None = None  # token index of each valid grouped position
+    # The row-wise way (prompts of several adapters): each row's slot, and the rows that have
+    # one (None: every row).
+    row_slots: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 class RowSlots(threading.local):
@@ -93,6 +103,8 @@ class RowSlots(threading.local):
                 rows_of.setdefault(s, []).append(row)
         # Largest first: the direct way pays per adapter, the grouped way per padded row.
         order = sorted(rows_of, key=lambda s: -len(rows_of[s]))
+        if t > 1 and len(order) > 1:
+            return self._row_wise(rows_of, t)
         k = self._split(order, [len(rows_of[s]) * t for s in order])
         every_row = len(self._rows) == len(rows_of.get(order[0], ()))
         direct = [(s, None if every_row else self._tokens(rows_of[s], t).to(self._device), self.ranks[s])
@@ -121,6 +133,16 @@ class RowSlots(threading.local):
         """The flattened token indices of `rows` of `t` tokens each (on the CPU)."""
         idx = torch.tensor(rows, dtype=torch.long).view(-1, 1) * t + torch.arange(t)
         return idx.view(-1)
+
+    def _row_wise(self, rows_of: dict[int, list[int]], t: int) -> Plan:
+        """Prompts of several adapters: every row meets its own slot's weights, gathered per row
+        (a few rank rows each, fewer bytes than the row's tokens); no token gather or padding."""
+        rows = sorted(row for r in rows_of.values() for row in r)
+        slots = [self._rows[row] for row in rows]
+        every = len(rows) == len(self._rows)
+        return Plan([], rank=max(self.ranks[s] for s in rows_of),
+                    row_slots=torch.tensor(slots, dtype=torch.long).to(self._device),
+                    rows=None if every else torch.tensor(rows, dtype=torch.long).to(self._device))
 
     def _group(self, plan: Plan, rows_of: dict[int, list[int]], t: int) -> None:
         # Only the slots from the lowest to the highest grouped one are computed (and their
@@ -181,6 +203,8 @@ class StackedLoraLinear(nn.Module):
                 self._direct(xf, yf, slot, tokens)
         if plan.gather is not None:
             self._grouped(xf, yf, plan)
+        if plan.row_slots is not None:
+            self._row_wise(xf, yf, plan, x.shape[-2])
         return y if delta is None else y + delta.to(y.dtype)
 
     def _direct(self, xf: torch.Tensor, yf: torch.Tensor, slot: int, tokens: torch.Tensor | None) -> None:
@@ -199,6 +223,20 @@ class StackedLoraLinear(nn.Module):
         if plan.valid is not None:
             delta = delta.index_select(0, plan.valid)
         yf.index_add_(0, plan.tokens, delta)
+
+    def _row_wise(self, xf: torch.Tensor, yf: torch.Tensor, plan: Plan, t: int) -> None:
+        r, idx = plan.rank, plan.row_slots
+        xs = xf.view(-1, t, self.in_features)
+        ys = yf.view(-1, t, self.out_features)
+        if plan.rows is not None:
+            xs = xs.index_select(0, plan.rows)
+        a = self.lora_a[:, :r].index_select(0, idx)  # [rows, r, in]
+        h = torch.bmm(xs, a.transpose(1, 2)).mul_(self.scaling.index_select(0, idx).view(-1, 1, 1))
+        bt = self.lora_bt[:, :r].index_select(0, idx)  # [rows, r, out]
+        if plan.rows is None:
+            ys.baddbmm_(h, bt)
+        else:
+            ys.index_add_(0, plan.rows, torch.bmm(h, bt))
 
     def _allocate(self) -> None:
         z, n, r = self._z, self.num_slots, self.max_rank
