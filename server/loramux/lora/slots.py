@@ -165,8 +165,14 @@ class AdapterSlots:
         return slot
 
     def _evicted(self, adapter_id: str, slot: int) -> None:
+        # `_take_slot` evicts to load another adapter into this slot at once, and that load
+        # writes every row it uses and clears the rest: zeroing the slot first was a second
+        # pass over 210 layers (~3 ms of the acquire). Until then the slot is free, and no
+        # row reads a free slot (the grouped way may compute it, and drops what it gives).
         self.metrics.adapter_evictions.inc()
-        self._clear(slot)
+        self.ranks[slot] = 0
+        self._identity.pop(slot, None)
+        self._free.append(slot)
 
     def _clear(self, slot: int) -> None:
         self._wipe(slot)
