@@ -254,9 +254,10 @@ class StackedLoraLinear(nn.Module):
         copy_into_slots(self.stage_slot(slot, a, bt, scaling))
 
     def stage_slot(self, slot: int, a: torch.Tensor | None, bt: torch.Tensor | None,
-                   scaling: float) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+                   scaling: float) -> list[tuple[torch.Tensor, torch.Tensor | float | None]]:
         """Everything of loading `slot` but the copies: those are returned as (destination,
-        source or None: zeros), for `copy_into_slots` to make for all layers at once. Rows
+        source: a tensor, the scaling, or None for zeros), for `copy_into_slots` to make for
+        all layers at once. Rows
         above an adapter's rank must read zero (the grouped way computes up to the largest
         rank in the batch): only rows a larger adapter wrote before are cleared."""
         written = self.written[slot]

@@ -65,7 +65,12 @@ def _check_finite(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], wpath: Pa
     """Refuse NaN or infinite weights: one batched max |w| over every tensor (two checks per
     tensor, 420 on SmolLM2's 7 projections, were ~20 ms of a ~50 ms load)."""
     flat = [t for pair in pairs.values() for t in pair if t.numel()]
-    if not flat or torch.isfinite(torch.stack(torch._foreach_max(torch._foreach_abs(flat)))).all():
+    if not flat:
+        return
+    # torch._foreach_max is recent (mid-2024): per tensor on a torch that lacks it.
+    most = (torch._foreach_max(torch._foreach_abs(flat)) if hasattr(torch, "_foreach_max")
+            else [t.abs().max() for t in flat])
+    if torch.isfinite(torch.stack(most)).all():
         return
     bad = next(module for module, pair in pairs.items() if not all(torch.isfinite(t).all() for t in pair))
     raise InvalidArgument(f"{wpath}: {bad} holds NaN or infinite values")
