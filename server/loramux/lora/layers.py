@@ -104,7 +104,7 @@ class RowSlots(threading.local):
         # Largest first: the direct way pays per adapter, the grouped way per padded row.
         order = sorted(rows_of, key=lambda s: -len(rows_of[s]))
         if t > 1 and len(order) > 1:
-            return self._row_wise(rows_of, t)
+            return self._row_wise(rows_of)
         k = self._split(order, [len(rows_of[s]) * t for s in order])
         every_row = len(self._rows) == len(rows_of.get(order[0], ()))
         direct = [(s, None if every_row else self._tokens(rows_of[s], t).to(self._device), self.ranks[s])
@@ -134,7 +134,7 @@ class RowSlots(threading.local):
         idx = torch.tensor(rows, dtype=torch.long).view(-1, 1) * t + torch.arange(t)
         return idx.view(-1)
 
-    def _row_wise(self, rows_of: dict[int, list[int]], t: int) -> Plan:
+    def _row_wise(self, rows_of: dict[int, list[int]]) -> Plan:
         """Prompts of several adapters: every row meets its own slot's weights, gathered per row
         (a few rank rows each, fewer bytes than the row's tokens); no token gather or padding."""
         rows = sorted(row for r in rows_of.values() for row in r)
@@ -180,8 +180,7 @@ class StackedLoraLinear(nn.Module):
         # Kept apart rather than folded into B, as PEFT applies it.
         self.register_buffer("scaling", None)  # [slots]
         self.scales = [0.0] * num_slots  # the same, as Python floats for the direct way
-        self.filled = [False] * num_slots
-        self.written = [0] * num_slots  # rows of each slot that may be non-zero
+        self.written = [0] * num_slots  # rows of each slot that may be non-zero (0: empty)
         self._slot_views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.slot_bytes = 0  # of the slot tensors, once allocated
         # The direct way's operands per slot, (A^T [in, r], B^T [r, out]) views made once at
@@ -192,14 +191,14 @@ class StackedLoraLinear(nn.Module):
         y = self.base(x)
         # Nothing to add when no adapter in the batch targets this layer (e.g. attention-only
         # adapters leave the MLP layers' slots empty).
-        if not self.ctx.active or not any(self.filled[s] for s in self.ctx.used):
+        if not self.ctx.active or not any(self.written[s] for s in self.ctx.used):
             return y
         plan = self.ctx.plan(x.shape[-2] if x.dim() == 3 else 1)
         xf = x.reshape(-1, self.in_features).to(self.lora_a.dtype)
         delta = torch.zeros_like(y) if y.dtype != self.lora_a.dtype else None
         yf = (delta if delta is not None else y).view(-1, self.out_features)
         for slot, tokens, _ in plan.direct:
-            if self.filled[slot]:
+            if self.written[slot]:
                 self._direct(xf, yf, slot, tokens)
         if plan.gather is not None:
             self._grouped(xf, yf, plan)
@@ -262,16 +261,16 @@ class StackedLoraLinear(nn.Module):
         rank in the batch): only rows a larger adapter wrote before are cleared."""
         written = self.written[slot]
         if a is None or bt is None:
-            if not self.filled[slot]:
+            if not written:
                 return []
-            self.scales[slot], self.filled[slot], self._views[slot], self.written[slot] = 0.0, False, None, 0
+            self.scales[slot], self._views[slot], self.written[slot] = 0.0, None, 0
             sa, sb, ss = self._slot_views[slot]
             return [(sa[:written], None), (sb[:written], None), (ss, None)]
         if self.lora_a is None:
             self._allocate()
         r = a.shape[0]
         sa, sb, ss = self._slot_views[slot]
-        self.scales[slot], self.filled[slot], self.written[slot] = float(scaling), True, r
+        self.scales[slot], self.written[slot] = float(scaling), r
         va, vb = sa[:r], sb[:r]
         self._views[slot] = (va.t(), vb)
         copies = [(va, a), (vb, bt), (ss, scaling)]

@@ -170,8 +170,7 @@ class AdapterSlots:
         # pass over 210 layers (~3 ms of the acquire). Until then the slot is free, and no
         # row reads a free slot (the grouped way may compute it, and drops what it gives).
         self.metrics.adapter_evictions.inc()
-        self.ranks[slot] = 0
-        self._identity.pop(slot, None)
+        self._forget_slot(slot)
         self._free.append(slot)
 
     def _clear(self, slot: int) -> None:
@@ -180,6 +179,10 @@ class AdapterSlots:
 
     def _wipe(self, slot: int) -> None:
         copy_into_slots([c for layer in self.layers.values() for c in layer.stage_slot(slot, None, None, 0.0)])
+        self._forget_slot(slot)
+
+    def _forget_slot(self, slot: int) -> None:
+        """The slot holds no adapter: no rank for the plans, no identity for the prefix cache."""
         self.ranks[slot] = 0
         self._identity.pop(slot, None)
 
