@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from loramux.lora.layers import LoraCosts, RowSlots, StackedLoraLinear
+from loramux.model import kernels
 
 SLOTS, RANK, D_IN, D_OUT = 8, 4, 12, 10
 
@@ -78,3 +79,39 @@ def test_decode_steps_take_the_ways_the_costs_choose(costs, rows):
         assert plan.span == slice(min(used), max(used) + 1) and not plan.direct
     else:
         assert plan.gather is None and len(plan.direct) == len(set(used))
+
+
+KERNEL = kernels.isa() if kernels.isa() is not None and kernels.load() else None
+ISAS = [isa for isa in ("avx2", "avx512") if KERNEL == "avx512" or isa == KERNEL]
+
+
+@pytest.mark.skipif(not ISAS, reason="no AVX2 or no C++ compiler: no fused kernel")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("d_in", "d_out"), [(D_IN, D_OUT), (48, 40)])  # lanes' tails; whole vectors and tails
+@pytest.mark.parametrize("rows", [
+    [2, 5, 5, -1, 3],
+    [7] * 9,  # one adapter over more rows than a group: groups of 4, 4 and 1
+    [0, 6, -1, 6, 0, 4, 4, 4, 4, 4, 6],
+    [-1, -1],  # bare rows only: nothing added
+])
+def test_fused_kernel_gives_each_row_its_own_adapter(isa, d_in, d_out, rows):
+    torch.manual_seed(0)
+    ctx = RowSlots([0] * SLOTS, RANK, LoraCosts())
+    ctx.kernel = isa
+    layer = StackedLoraLinear(torch.nn.Linear(d_in, d_out), SLOTS, RANK, ctx, torch.float32, torch.device("cpu"))
+    weights = {}
+    # Slot 4 held a rank-4 adapter before its rank-2 one: its rows 2-3 must read zero.
+    layer.load_slot(4, torch.randn(RANK, d_in), torch.randn(RANK, d_out), 9.0)
+    for slot, rank in {0: 2, 2: 4, 3: 1, 4: 2, 5: 3, 6: 2, 7: 4}.items():
+        a, bt, scale = torch.randn(rank, d_in), torch.randn(rank, d_out), 0.5 + slot
+        layer.load_slot(slot, a, bt, scale)
+        ctx.ranks[slot] = rank
+        weights[slot] = (a, bt, scale)
+    x = torch.randn(len(rows), 1, d_in)
+    ctx.set(rows, torch.device("cpu"))
+    with torch.inference_mode():
+        got = layer(x)
+        want = expected(layer, weights, x[:, 0], rows).unsqueeze(1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)  # outputs ~100: float32 rounding
+    plan = ctx.plan(1)
+    assert plan.row_slots.tolist() == rows and not plan.direct and plan.gather is None

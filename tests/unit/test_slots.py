@@ -14,6 +14,7 @@ from loramux.lora.layers import attach_stacked_lora
 from loramux.lora.slots import AdapterSlots, SlotsFull
 from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
+from loramux.model import kernels
 
 IN, OUT = 8, 6
 
@@ -105,12 +106,18 @@ def reference(model, x, row_slots, ctx):
 
 
 def force(ctx, way: str) -> None:
-    """Make the plan take one way: direct (free) or grouped (free, the direct way dear)."""
+    """Make the plan take one way: direct (free), grouped (free, the direct way dear), or the
+    fused kernel for decode steps (grouped costs for prompts; skipped where it cannot be built)."""
     costs = ctx.costs
     costs.direct, costs.group, costs.row_rank = (0.0, 1.0, 1.0) if way == "direct" else (1.0, 0.0, 0.0)
+    ctx.kernel = None
+    if way == "fused":
+        if kernels.isa() is None or not kernels.load():
+            pytest.skip("no AVX2 or no C++ compiler: no fused kernel")
+        ctx.kernel = kernels.isa()
 
 
-@pytest.mark.parametrize("way", ["direct", "grouped"])
+@pytest.mark.parametrize("way", ["direct", "grouped", "fused"])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("adapters", ["a", "ab"])
 def test_every_way_gives_each_row_its_own_adapter(setup, way, tokens, adapters):
@@ -125,8 +132,12 @@ def test_every_way_gives_each_row_its_own_adapter(setup, way, tokens, adapters):
     if tokens > 1 and adapters == "ab":  # prompts of several adapters: the row-wise way, whatever the costs
         assert plan.row_slots.tolist() == [acquired[0], acquired[1], acquired[0]] and plan.rows.tolist() == [0, 2, 3]
         assert plan.gather is None and not plan.direct
-    else:
-        assert (plan.gather is None) == (way == "direct") and bool(plan.direct) == (way == "direct")
+    elif way == "fused" and tokens == 1:  # decode steps: one kernel call, every row's slot
+        assert plan.row_slots.tolist() == row_slots and plan.slot_ranks.tolist() == ctx.ranks
+        assert plan.gather is None and not plan.direct
+    else:  # the fused kernel is for decode steps only: its prompts take the grouped way (its costs)
+        direct = way == "direct"
+        assert (plan.gather is None) == direct and bool(plan.direct) == direct
     assert torch.allclose(out, reference(model, x, row_slots, ctx), atol=1e-5)
     ctx.set([-1] * 4, torch.device("cpu"))
     assert torch.equal(out[1], model(x)[1])  # the bare-base row is the base, bit for bit
@@ -152,8 +163,8 @@ def test_slot_tensors_wait_for_an_adapter_that_targets_the_layer(tmp_path):
     assert layer.lora_a.shape == (2, 4, IN) and layer.lora_bt.shape == (2, 4, OUT)
 
 
-@pytest.mark.parametrize(("way", "tokens"), [("direct", 1), ("grouped", 1), ("direct", 2)],
-                         ids=["direct", "grouped", "row-wise"])  # 2 tokens of 2 adapters: row-wise
+@pytest.mark.parametrize(("way", "tokens"), [("direct", 1), ("grouped", 1), ("direct", 2), ("fused", 1)],
+                         ids=["direct", "grouped", "row-wise", "fused"])  # 2 tokens of 2 adapters: row-wise
 @pytest.mark.parametrize("bare", [True, False])
 def test_an_adapter_that_overflows_harms_no_other_row(setup, tmp_path, way, tokens, bare):
     """Finite but huge weights pass the file checks; their inf must stay in their own rows."""
@@ -168,7 +179,7 @@ def test_an_adapter_that_overflows_harms_no_other_row(setup, tmp_path, way, toke
     want = model(x)
     ctx.set([first, sb, huge], torch.device("cpu"))
     got = model(x)
-    assert (ctx.plan(tokens).row_slots is not None) == (tokens > 1)
+    assert (ctx.plan(tokens).row_slots is not None) == (tokens > 1 or way == "fused")
     assert not torch.isfinite(got[2]).all()  # the overflowing row itself
     assert torch.isfinite(got[:2]).all()
     torch.testing.assert_close(got[:2], want[:2])

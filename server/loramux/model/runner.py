@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from loramux.lora.layers import attach_stacked_lora, slot_memory
+from loramux.model import kernels
 from loramux.model.calibrate import forward_cost_tokens, fused_4bit_rows, lora_costs
 from loramux.model.quant import lean_4bit
 
@@ -212,12 +213,15 @@ class Runner:
     """Owns the model (base + LoRA slots) and the tensors of one step; no scheduling."""
 
     def __init__(self, model, tokenizer, num_slots: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype, fused_4bit: bool = True) -> None:
+                 device: torch.device, dtype: torch.dtype, fused_4bit: bool = True,
+                 fused_lora: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.lean = lean_4bit(model, fused_4bit)  # before wrapping: the LoRA layers call the base layers' forward
         self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device)
+        if fused_lora and device.type == "cpu" and dtype == torch.float32 and kernels.load():
+            self.ctx.kernel = kernels.isa()  # decode steps' LoRA term: one call per layer
         head = model.get_output_embeddings()
         if head is not None:
             # transformers hands the head each row's last position, a strided [rows, 1, hidden]

@@ -1,5 +1,6 @@
-"""The fused 4-bit CPU kernel (`linear_4bit.cpp`): built once per torch version and source,
-cached, and loaded as the op `torch.ops.loramux.linear_4bit`.
+"""loramux's CPU kernels (`linear_4bit.cpp`): built once per torch version and source,
+cached, and loaded as the ops `torch.ops.loramux.linear_4bit` (the fused 4-bit product) and
+`torch.ops.loramux.lora_rows` (a decode step's LoRA term).
 
 Built with the system's C++ compiler against the installed torch (about 15 s on 2 cores),
 into the loramux cache (`LORAMUX_CACHE`, else `~/.cache/loramux`), under a name that

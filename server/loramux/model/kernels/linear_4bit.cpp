@@ -7,6 +7,8 @@
 // x uses it. Each weight is the same float32 product (code value x block scale) as
 // bitsandbytes' dequantize; only the order of the sums differs, as it does between batch
 // sizes in any GEMM. AVX2 and AVX-512 builds of the same loops; the caller picks one.
+//
+// Also `lora_rows`: a decode step's LoRA term for every row and adapter in one call (below).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <immintrin.h>
@@ -103,6 +105,83 @@ inline int64_t tile_rows(int64_t K) { return std::max<int64_t>(4, (8192 / K) / 4
     });                                                                                       \
   }
 
+
+// y[m] += scaling[s] * (x[m] A[s]^T) B[s]^T for each row m of slot s = slots[m] >= 0, with A's
+// and B^T's first ranks[s] rows: the LoRA term of a decode step, every adapter in one call.
+// Rows of one slot go through in groups of up to kGroup, so that a slot's weights are read
+// from memory once per group, not once per row; each row meets only its own slot's weights
+// (an overflowing adapter's inf stays in its rows).
+struct LoraArgs {
+  const float* x;
+  float* y;
+  const float* a;
+  const float* bt;
+  const float* scaling;
+  int64_t M, K, N, R;  // R: rank rows per slot in a and bt
+};
+
+struct Group {
+  int64_t slot, rank, first, count;  // rows order[first, first + count)
+};
+
+constexpr int kGroup = 4;
+
+#define LORAMUX_LORA_BODY                                                                     \
+  inline float dot(const float* u, const float* v, int64_t K) {                               \
+    Vec acc = zero();                                                                         \
+    int64_t k = 0;                                                                            \
+    for (; k + kLanes <= K; k += kLanes) acc = fma(load(u + k), load(v + k), acc);            \
+    float s = hsum(acc);                                                                      \
+    for (; k < K; ++k) s += u[k] * v[k];                                                      \
+    return s;                                                                                 \
+  }                                                                                           \
+  /* h[i][j] = scale * x[row i] . A[j] for the group's rows and the slot's ranks */           \
+  inline void lora_down(const LoraArgs& a, const Group& g, const int64_t* rows, float* h) {   \
+    const float* w = a.a + g.slot * a.R * a.K;                                                \
+    const float scale = a.scaling[g.slot];                                                    \
+    for (int64_t j = 0; j < g.rank; ++j)                                                      \
+      for (int64_t i = 0; i < g.count; ++i)                                                   \
+        h[i * g.rank + j] = scale * dot(a.x + rows[i] * a.K, w + j * a.K, a.K);              \
+  }                                                                                           \
+  /* y[row i] += h[i] B^T, each B^T vector loaded once for all the group's rows */           \
+  template <int G>                                                                            \
+  inline void lora_up(const LoraArgs& a, const Group& g, const int64_t* rows, const float* h) { \
+    const float* w = a.bt + g.slot * a.R * a.N;                                               \
+    float* y[G];                                                                              \
+    for (int i = 0; i < G; ++i) y[i] = a.y + rows[i] * a.N;                                   \
+    int64_t n = 0;                                                                            \
+    for (; n + kLanes <= a.N; n += kLanes) {                                                  \
+      Vec acc[G];                                                                             \
+      for (int i = 0; i < G; ++i) acc[i] = load(y[i] + n);                                    \
+      for (int64_t j = 0; j < g.rank; ++j) {                                                  \
+        const Vec b = load(w + j * a.N + n);                                                  \
+        for (int i = 0; i < G; ++i) acc[i] = fma(bcast(h[i * g.rank + j]), b, acc[i]);       \
+      }                                                                                       \
+      for (int i = 0; i < G; ++i) store(y[i] + n, acc[i]);                                    \
+    }                                                                                         \
+    for (; n < a.N; ++n)                                                                      \
+      for (int i = 0; i < G; ++i)                                                             \
+        for (int64_t j = 0; j < g.rank; ++j) y[i][n] += h[i * g.rank + j] * w[j * a.N + n];  \
+  }                                                                                           \
+  void lora_run(const LoraArgs& a, const std::vector<Group>& groups, const int64_t* order) {  \
+    /* each thread's h, made before the parallel region (nothing in it may throw) */         \
+    std::vector<float> hs(omp_get_max_threads() * kGroup * a.R);                              \
+    parallel(static_cast<int64_t>(groups.size()), [&](int64_t g0, int64_t g1, int64_t id) {   \
+      float* h = hs.data() + id * kGroup * a.R;                                               \
+      for (int64_t t = g0; t < g1; ++t) {                                                     \
+        const Group& g = groups[t];                                                           \
+        const int64_t* rows = order + g.first;                                                \
+        lora_down(a, g, rows, h);                                                             \
+        switch (g.count) {                                                                    \
+          case 1: lora_up<1>(a, g, rows, h); break;                                           \
+          case 2: lora_up<2>(a, g, rows, h); break;                                           \
+          case 3: lora_up<3>(a, g, rows, h); break;                                           \
+          default: lora_up<kGroup>(a, g, rows, h);                                            \
+        }                                                                                     \
+      }                                                                                       \
+    });                                                                                       \
+  }
+
 namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -110,6 +189,8 @@ using Vec = __m256;
 constexpr int kLanes = 8, kMR = 4, kNR = 3;
 inline Vec zero() { return _mm256_setzero_ps(); }
 inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec bcast(float v) { return _mm256_set1_ps(v); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline float hsum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -132,6 +213,7 @@ inline void put16(__m128i codes, const Lut& lut, float scale, float* dst) {
   _mm256_storeu_ps(dst + 8, _mm256_mul_ps(lookup(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), lut.lo, lut.hi), s));
 }
 LORAMUX_KERNEL_BODY
+LORAMUX_LORA_BODY
 #pragma GCC pop_options
 }  // namespace avx2
 
@@ -142,6 +224,8 @@ using Vec = __m512;
 constexpr int kLanes = 16, kMR = 4, kNR = 4;
 inline Vec zero() { return _mm512_setzero_ps(); }
 inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec bcast(float v) { return _mm512_set1_ps(v); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 using Lut = Vec;  // all 16 values in one register
@@ -150,8 +234,16 @@ inline void put16(__m128i codes, const Lut& lut, float scale, float* dst) {
   _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), lut), _mm512_set1_ps(scale)));
 }
 LORAMUX_KERNEL_BODY
+LORAMUX_LORA_BODY
 #pragma GCC pop_options
 }  // namespace avx512
+
+void check_isa(bool wide) {
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  TORCH_CHECK(wide ? has_avx512 : has_avx2, wide ? "this CPU has no AVX-512" : "this CPU has no AVX2/FMA");
+}
 
 at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                       const at::Tensor& code, int64_t blocksize, int64_t N, bool wide) {
@@ -165,17 +257,64 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   auto out = at::empty({M, N}, x.options());
   const Args a{x.data_ptr<float>(), packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
                code.data_ptr<float>(), out.data_ptr<float>(), M, N, K, blocksize};
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  TORCH_CHECK(wide ? has_avx512 : has_avx2, wide ? "this CPU has no AVX-512" : "this CPU has no AVX2/FMA");
+  check_isa(wide);
   if (wide) avx512::run(a); else avx2::run(a);
   return out;
+}
+
+
+// The groups of up to kGroup rows of one slot, rows sorted by slot (bare rows, slot < 0, left out).
+std::vector<Group> lora_groups(const int64_t* slots, const int64_t* ranks, int64_t M, int64_t S,
+                               std::vector<int64_t>& order) {
+  order.resize(M);
+  for (int64_t m = 0; m < M; ++m) order[m] = m;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return slots[i] < slots[j]; });
+  std::vector<Group> groups;
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t s = slots[order[i]];
+    TORCH_CHECK(s < S, "slot ", s, " out of range");
+    if (s < 0 || ranks[s] == 0) continue;
+    if (groups.empty() || groups.back().slot != s || groups.back().count == kGroup)
+      groups.push_back({s, ranks[s], i, 0});
+    ++groups.back().count;
+  }
+  return groups;
+}
+
+void lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& bt,
+               const at::Tensor& scaling, const at::Tensor& slots, const at::Tensor& ranks, bool wide) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
+              "y: contiguous float32 [M, N]");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 3 && a.size(2) == x.size(1),
+              "a: contiguous float32 [S, R, K]");
+  TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.dim() == 3 && bt.size(2) == y.size(1) &&
+              bt.size(0) == a.size(0) && bt.size(1) == a.size(1), "bt: contiguous float32 [S, R, N]");
+  TORCH_CHECK(scaling.scalar_type() == at::kFloat && scaling.is_contiguous() && scaling.numel() == a.size(0),
+              "scaling: float32 [S]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
+              "slots: int64 [M]");
+  TORCH_CHECK(ranks.scalar_type() == at::kLong && ranks.is_contiguous() && ranks.numel() == a.size(0),
+              "ranks: int64 [S]");
+  const int64_t S = a.size(0), R = a.size(1);
+  const int64_t* rk = ranks.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(rk[s] >= 0 && rk[s] <= R, "rank of slot ", s, " out of range");
+  check_isa(wide);
+  std::vector<int64_t> order;
+  const auto groups = lora_groups(slots.data_ptr<int64_t>(), rk, x.size(0), S, order);
+  const LoraArgs args{x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>(),
+                      scaling.data_ptr<float>(), x.size(0), x.size(1), y.size(1), R};
+  if (wide) avx512::lora_run(args, groups, order.data()); else avx2::lora_run(args, groups, order.data());
 }
 
 }  // namespace
 
 TORCH_LIBRARY(loramux, m) {
   m.def("linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int N, bool wide) -> Tensor");
+  m.def("lora_rows(Tensor x, Tensor(a!) y, Tensor a, Tensor bt, Tensor scaling, Tensor slots, Tensor ranks, "
+        "bool wide) -> ()");
 }
-TORCH_LIBRARY_IMPL(loramux, CPU, m) { m.impl("linear_4bit", &linear_4bit); }
+TORCH_LIBRARY_IMPL(loramux, CPU, m) {
+  m.impl("linear_4bit", &linear_4bit);
+  m.impl("lora_rows", &lora_rows);
+}
