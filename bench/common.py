@@ -361,6 +361,27 @@ class CpuWatch:
         self.foreign_cores = max((busy - self._busy0 - own) / tick / elapsed, 0.0)
 
 
+def machine_probe(seconds: float = 1.0) -> float:
+    """GFLOP/s of a fixed float32 product on every core now: a decode step's LM head shape
+    ([32, 576] x [576, 49152], 113 MB of weight, as memory-bound as the server's steps). Taken
+    beside each run, its spread across rounds is the machine's own drift: a server's rounds
+    cannot be steadier than the machine they run on."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        x, w = torch.randn(32, 576), torch.randn(576, 49152)
+        torch.mm(x, w)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(x, w)
+            n += 1
+        return n * 2 * x.shape[0] * w.numel() / (time.perf_counter() - start) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+
+
 def wait_for_quiet(max_wait: float, threshold: float = 0.3, window: float = 3.0) -> float:
     """Wait (up to `max_wait` s) until other processes use under `threshold` cores; return that load."""
     end = time.monotonic() + max_wait

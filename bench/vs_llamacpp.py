@@ -170,12 +170,14 @@ def run_llamacpp(args, binary: Path, model_gguf: Path, loras: dict[str, Path], r
         out = []
         for key, (label, _) in plan.items():
             c.wait_for_quiet(args.wait_quiet)
+            probe = c.machine_probe()
             before = srv.metrics()
             res = llamacpp.run_http_load(srv, requests[key], args.clients, body)
+            probe = (probe + c.machine_probe()) / 2
             stats = _llama_stats(before, srv.metrics())
             evaluated = {o.index: o.prompt_n for o in res.outcomes}
             same = sum(evaluated.get(q.index) == q.prompt_tokens for q in requests[key])
-            out.append(_record("llama.cpp", key, label, round_no, res, stats, prompt_n_equal=same))
+            out.append(_record("llama.cpp", key, label, round_no, res, stats, prompt_n_equal=same, probe=probe))
     finally:
         srv.stop()
     return out
@@ -235,11 +237,13 @@ def run_loramux(args, adapters: dict[str, Path], requests: dict, plan: dict, wor
         out = []
         for key, (label, _) in plan.items():
             c.wait_for_quiet(args.wait_quiet)
+            probe = c.machine_probe()
             before = c.server_counters(srv)
             res = c.run_load(srv.address, requests[key], concurrency=args.clients, server_pid=srv.proc.pid)
+            probe = (probe + c.machine_probe()) / 2
             stats = c.server_stats(before, c.server_counters(srv))
             out.append(_record(loramux_name(quantization), key, label, round_no, res,
-                               {"decode_calls": stats["decode_steps"], **stats}))
+                               {"decode_calls": stats["decode_steps"], **stats}, probe=probe))
     finally:
         srv.stop()
     return out
@@ -267,12 +271,13 @@ def summarize(runs: list[dict], plan: dict, servers: list[str]) -> list[dict]:
             mine = [r for r in runs if r["scenario"] == key and r["server"] == server]
             if not mine:
                 continue
-            rates = [r["tokens_per_s"] for r in mine]
+            rates, probes = [r["tokens_per_s"] for r in mine], [r["probe"] for r in mine]
             mean = {f: statistics.mean(r[f] for r in mine) for f in (
                 "tokens_per_s", "steady_tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms",
                 "tokens_per_call", "foreign_cpu")}
             rows.append({"scenario": key, "label": label, "server": server, "rounds": len(mine), **mean,
                          "tokens_per_s_runs": rates, "spread": (max(rates) - min(rates)) / mean["tokens_per_s"],
+                         "machine_spread": (max(probes) - min(probes)) / statistics.mean(probes),
                          "errors": sum(r["errors"] for r in mine)})
     return rows
 
@@ -324,11 +329,13 @@ def _agreement(a: list[list[int]], b: list[list[int]], eos: int) -> dict:
 
 
 def report(rows: list[dict], runs: list[dict], plan: dict, parity: dict, checks: dict, args) -> str:
-    headers = ["scenario", "server", "tok/s", "tok/s runs", "spread", "all busy", "TTFT p50 ms", "TTFT p90 ms",
-               "TPOT p50 ms", "tok/decode call", "errors", "busy cores"]
+    # machine spread: `common.machine_probe` beside each run, across the rounds
+    headers = ["scenario", "server", "tok/s", "tok/s runs", "spread", "machine spread", "all busy", "TTFT p50 ms",
+               "TTFT p90 ms", "TPOT p50 ms", "tok/decode call", "errors", "busy cores"]
     table = [[r["label"], r["server"], r["tokens_per_s"], "/".join(f"{x:.0f}" for x in r["tokens_per_s_runs"]),
-              f"{100 * r['spread']:.0f}%", r["steady_tokens_per_s"], r["ttft_p50_ms"], r["ttft_p90_ms"],
-              r["tpot_p50_ms"], r["tokens_per_call"], r["errors"], c.fmt(r["foreign_cpu"], 2)] for r in rows]
+              f"{100 * r['spread']:.0f}%", f"{100 * r['machine_spread']:.0f}%", r["steady_tokens_per_s"],
+              r["ttft_p50_ms"], r["ttft_p90_ms"], r["tpot_p50_ms"], r["tokens_per_call"], r["errors"],
+              c.fmt(r["foreign_cpu"], 2)] for r in rows]
     lines = [c.table(headers, table), ""]
     by = {(r["scenario"], r["server"]): r for r in rows}
     for key, (label, _) in plan.items():
