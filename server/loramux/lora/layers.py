@@ -212,6 +212,8 @@ class StackedLoraLinear(nn.Module):
         delta = torch.zeros_like(y) if y.dtype != self.lora_a.dtype else None
         yf = (delta if delta is not None else y).view(-1, self.out_features)
         if plan.slot_ranks is not None:
+            # Each slot's adapter rank, not this layer's rows written: an adapter that does not
+            # target this layer has zeros here (stage_slot clears them), which add nothing.
             torch.ops.loramux.lora_rows(xf.contiguous(), yf, self.lora_a, self.lora_bt, self.scaling,
                                         plan.row_slots, plan.slot_ranks, self.ctx.kernel == "avx512")
             return y if delta is None else y + delta.to(y.dtype)

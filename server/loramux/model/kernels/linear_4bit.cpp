@@ -105,7 +105,6 @@ inline int64_t tile_rows(int64_t K) { return std::max<int64_t>(4, (8192 / K) / 4
     });                                                                                       \
   }
 
-
 // y[m] += scaling[s] * (x[m] A[s]^T) B[s]^T for each row m of slot s = slots[m] >= 0, with A's
 // and B^T's first ranks[s] rows: the LoRA term of a decode step, every adapter in one call.
 // Rows of one slot go through in groups of up to kGroup, so that a slot's weights are read
@@ -117,7 +116,7 @@ struct LoraArgs {
   const float* a;
   const float* bt;
   const float* scaling;
-  int64_t M, K, N, R;  // R: rank rows per slot in a and bt
+  int64_t K, N, R;  // R: rank rows per slot in a and bt
 };
 
 struct Group {
@@ -262,7 +261,6 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   return out;
 }
 
-
 // The groups of up to kGroup rows of one slot, rows sorted by slot (bare rows, slot < 0, left out).
 std::vector<Group> lora_groups(const int64_t* slots, const int64_t* ranks, int64_t M, int64_t S,
                                std::vector<int64_t>& order) {
@@ -303,7 +301,7 @@ void lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, co
   std::vector<int64_t> order;
   const auto groups = lora_groups(slots.data_ptr<int64_t>(), rk, x.size(0), S, order);
   const LoraArgs args{x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>(),
-                      scaling.data_ptr<float>(), x.size(0), x.size(1), y.size(1), R};
+                      scaling.data_ptr<float>(), x.size(1), y.size(1), R};
   if (wide) avx512::lora_run(args, groups, order.data()); else avx2::lora_run(args, groups, order.data());
 }
 
