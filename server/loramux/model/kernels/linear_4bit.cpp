@@ -126,56 +126,83 @@ struct Group {
 constexpr int kGroup = 4;
 
 #define LORAMUX_LORA_BODY                                                                     \
-  inline float dot(const float* u, const float* v, int64_t K) {                               \
-    Vec acc = zero();                                                                         \
+  /* h[i][jj] = scale * x[i] . w[jj] for G rows and J rank rows at once: G x J independent */ \
+  /* accumulators, so the FMAs' latency overlaps (one dot at a time waited on each FMA) */    \
+  template <int G, int J>                                                                     \
+  inline void dots(const float* const* x, const float* w, int64_t K, float scale, float* h, int64_t ldh) {\
+    Vec acc[G][J];                                                                            \
+    for (int i = 0; i < G; ++i)                                                               \
+      for (int jj = 0; jj < J; ++jj) acc[i][jj] = zero();                                     \
     int64_t k = 0;                                                                            \
-    for (; k + kLanes <= K; k += kLanes) acc = fma(load(u + k), load(v + k), acc);            \
-    float s = hsum(acc);                                                                      \
-    for (; k < K; ++k) s += u[k] * v[k];                                                      \
-    return s;                                                                                 \
+    for (; k + kLanes <= K; k += kLanes)                                                      \
+      for (int i = 0; i < G; ++i) {                                                           \
+        const Vec xv = load(x[i] + k);                                                        \
+        for (int jj = 0; jj < J; ++jj) acc[i][jj] = fma(xv, load(w + jj * K + k), acc[i][jj]);\
+      }                                                                                       \
+    for (int i = 0; i < G; ++i)                                                               \
+      for (int jj = 0; jj < J; ++jj) {                                                        \
+        float sum = hsum(acc[i][jj]);                                                         \
+        for (int64_t kk = k; kk < K; ++kk) sum += x[i][kk] * w[jj * K + kk];                  \
+        h[i * ldh + jj] = scale * sum;                                                        \
+      }                                                                                       \
   }                                                                                           \
-  /* h[i][j] = scale * x[row i] . A[j] for the group's rows and the slot's ranks */           \
-  inline void lora_down(const LoraArgs& a, const Group& g, const int64_t* rows, float* h) {   \
-    const float* w = a.a + g.slot * a.R * a.K;                                                \
-    const float scale = a.scaling[g.slot];                                                    \
-    for (int64_t j = 0; j < g.rank; ++j)                                                      \
-      for (int64_t i = 0; i < g.count; ++i)                                                   \
-        h[i * g.rank + j] = scale * dot(a.x + rows[i] * a.K, w + j * a.K, a.K);              \
-  }                                                                                           \
-  /* y[row i] += h[i] B^T, each B^T vector loaded once for all the group's rows */           \
+  /* h[i][j] = scale * x[row i] . A[j] for the group's G rows and the slot's ranks */         \
   template <int G>                                                                            \
-  inline void lora_up(const LoraArgs& a, const Group& g, const int64_t* rows, const float* h) { \
+  inline void lora_down(const LoraArgs& a, const Group& g, const int64_t* rows, float* h) {   \
+    constexpr int J = G >= 3 ? 2 : 8 / G;                                                     \
+    const float* w = a.a + g.slot * a.R * a.K;                                                \
+    const float* x[G];                                                                        \
+    for (int i = 0; i < G; ++i) x[i] = a.x + rows[i] * a.K;                                   \
+    int64_t j = 0;                                                                            \
+    for (; j + J <= g.rank; j += J) dots<G, J>(x, w + j * a.K, a.K, a.scaling[g.slot], h + j, g.rank);\
+    for (; j < g.rank; ++j) dots<G, 1>(x, w + j * a.K, a.K, a.scaling[g.slot], h + j, g.rank);\
+  }                                                                                           \
+  /* y[i][n, n + U vectors) += h[i] B^T for G rows: each B^T vector loaded once for the rows */\
+  template <int G, int U>                                                                     \
+  inline void up_block(float* const* y, const float* w, int64_t N, int64_t n, const float* h, int64_t rank) {\
+    Vec acc[G][U];                                                                            \
+    for (int i = 0; i < G; ++i)                                                               \
+      for (int u = 0; u < U; ++u) acc[i][u] = load(y[i] + n + u * kLanes);                    \
+    for (int64_t j = 0; j < rank; ++j)                                                        \
+      for (int u = 0; u < U; ++u) {                                                           \
+        const Vec b = load(w + j * N + n + u * kLanes);                                       \
+        for (int i = 0; i < G; ++i) acc[i][u] = fma(bcast(h[i * rank + j]), b, acc[i][u]);    \
+      }                                                                                       \
+    for (int i = 0; i < G; ++i)                                                               \
+      for (int u = 0; u < U; ++u) store(y[i] + n + u * kLanes, acc[i][u]);                    \
+  }                                                                                           \
+  /* y[row i] += h[i] B^T for the group's G rows, U vectors of outputs at a time */           \
+  template <int G>                                                                            \
+  inline void lora_up(const LoraArgs& a, const Group& g, const int64_t* rows, const float* h) {\
+    constexpr int U = G >= 3 ? 2 : 8 / G;                                                     \
     const float* w = a.bt + g.slot * a.R * a.N;                                               \
     float* y[G];                                                                              \
     for (int i = 0; i < G; ++i) y[i] = a.y + rows[i] * a.N;                                   \
     int64_t n = 0;                                                                            \
-    for (; n + kLanes <= a.N; n += kLanes) {                                                  \
-      Vec acc[G];                                                                             \
-      for (int i = 0; i < G; ++i) acc[i] = load(y[i] + n);                                    \
-      for (int64_t j = 0; j < g.rank; ++j) {                                                  \
-        const Vec b = load(w + j * a.N + n);                                                  \
-        for (int i = 0; i < G; ++i) acc[i] = fma(bcast(h[i * g.rank + j]), b, acc[i]);       \
-      }                                                                                       \
-      for (int i = 0; i < G; ++i) store(y[i] + n, acc[i]);                                    \
-    }                                                                                         \
+    for (; n + U * kLanes <= a.N; n += U * kLanes) up_block<G, U>(y, w, a.N, n, h, g.rank);   \
+    for (; n + kLanes <= a.N; n += kLanes) up_block<G, 1>(y, w, a.N, n, h, g.rank);           \
     for (; n < a.N; ++n)                                                                      \
       for (int i = 0; i < G; ++i)                                                             \
-        for (int64_t j = 0; j < g.rank; ++j) y[i][n] += h[i * g.rank + j] * w[j * a.N + n];  \
+        for (int64_t j = 0; j < g.rank; ++j) y[i][n] += h[i * g.rank + j] * w[j * a.N + n];   \
+  }                                                                                           \
+  template <int G>                                                                            \
+  inline void lora_group(const LoraArgs& a, const Group& g, const int64_t* rows, float* h) {  \
+    lora_down<G>(a, g, rows, h);                                                              \
+    lora_up<G>(a, g, rows, h);                                                                \
   }                                                                                           \
   void lora_run(const LoraArgs& a, const std::vector<Group>& groups, const int64_t* order) {  \
-    /* each thread's h, made before the parallel region (nothing in it may throw) */         \
+    /* each thread's h, made before the parallel region (nothing in it may throw) */          \
     std::vector<float> hs(omp_get_max_threads() * kGroup * a.R);                              \
     parallel(static_cast<int64_t>(groups.size()), [&](int64_t g0, int64_t g1, int64_t id) {   \
       float* h = hs.data() + id * kGroup * a.R;                                               \
       for (int64_t t = g0; t < g1; ++t) {                                                     \
         const Group& g = groups[t];                                                           \
         const int64_t* rows = order + g.first;                                                \
-        lora_down(a, g, rows, h);                                                             \
         switch (g.count) {                                                                    \
-          case 1: lora_up<1>(a, g, rows, h); break;                                           \
-          case 2: lora_up<2>(a, g, rows, h); break;                                           \
-          case 3: lora_up<3>(a, g, rows, h); break;                                           \
-          default: lora_up<kGroup>(a, g, rows, h);                                            \
+          case 1: lora_group<1>(a, g, rows, h); break;                                        \
+          case 2: lora_group<2>(a, g, rows, h); break;                                        \
+          case 3: lora_group<3>(a, g, rows, h); break;                                        \
+          default: lora_group<kGroup>(a, g, rows, h);                                         \
         }                                                                                     \
       }                                                                                       \
     });                                                                                       \
