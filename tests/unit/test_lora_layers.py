@@ -115,3 +115,20 @@ def test_fused_kernel_gives_each_row_its_own_adapter(isa, d_in, d_out, rows):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)  # outputs ~100: float32 rounding
     plan = ctx.plan(1)
     assert plan.row_slots.tolist() == rows and not plan.direct and plan.gather is None
+
+
+def test_the_kernel_choice_holds_in_every_thread():
+    """The engine runs the model on its own thread: the runner's choice must reach it (the
+    context is thread-local, so an attribute set after construction would not)."""
+    import threading
+
+    from loramux.lora.layers import attach_stacked_lora
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Linear(D_IN, D_OUT)])
+    ctx, _ = attach_stacked_lora(model, SLOTS, RANK, torch.float32, torch.device("cpu"), kernel="avx2")
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(ctx.kernel))
+    thread.start()
+    thread.join()
+    assert seen == ["avx2"] and ctx.kernel == "avx2"

@@ -82,13 +82,15 @@ class RowSlots(threading.local):
     `__init__` runs again in each thread, with the same arguments).
     """
 
-    def __init__(self, ranks: list[int], max_rank: int, costs: LoraCosts) -> None:
+    def __init__(self, ranks: list[int], max_rank: int, costs: LoraCosts, kernel: str | None = None) -> None:
         self.ranks = ranks
         self.max_rank = max_rank
         self.costs = costs
-        # Set by the model runner where `torch.ops.loramux.lora_rows` is loaded and the slots are
-        # float32 on the CPU: "avx2" or "avx512", the build it runs; None: torch ops only.
-        self.kernel: str | None = None
+        # Chosen by the model runner where `torch.ops.loramux.lora_rows` is loaded and the slots
+        # are float32 on the CPU: "avx2" or "avx512", the build it runs; None: torch ops only.
+        # A constructor argument, like `costs`: set on the instance afterwards, it would hold
+        # only in the thread that set it, not in the engine's.
+        self.kernel = kernel
         self.active = False  # any row uses an adapter
         self.used: list[int] = []  # the batch's distinct slots
         self._rows: list[int] = []
@@ -330,13 +332,14 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def attach_stacked_lora(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
-                        device: torch.device) -> tuple[RowSlots, dict[str, StackedLoraLinear]]:
+                        device: torch.device,
+                        kernel: str | None = None) -> tuple[RowSlots, dict[str, StackedLoraLinear]]:
     """Wrap every linear layer inside the decoder blocks (not the LM head) in place.
 
     Returns the shared row->slot context and the wrapped layers by module name (the name
     PEFT uses in its adapter files, e.g. `model.layers.0.self_attn.q_proj`).
     """
-    ctx = RowSlots(ranks=[0] * num_slots, max_rank=max_rank, costs=LoraCosts())
+    ctx = RowSlots(ranks=[0] * num_slots, max_rank=max_rank, costs=LoraCosts(), kernel=kernel)
     names = [n for n, m in model.named_modules() if is_linear(m) and ".layers." in f".{n}"]
     wrapped: dict[str, StackedLoraLinear] = {}
     for name in names:

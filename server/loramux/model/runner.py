@@ -219,9 +219,10 @@ class Runner:
         self.tokenizer = tokenizer
         self.device = device
         self.lean = lean_4bit(model, fused_4bit)  # before wrapping: the LoRA layers call the base layers' forward
-        self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device)
-        if fused_lora and device.type == "cpu" and dtype == torch.float32 and kernels.load():
-            self.ctx.kernel = kernels.isa()  # decode steps' LoRA term: one call per layer
+        # Decode steps' LoRA term in one kernel call per layer where it runs.
+        kernel = kernels.isa() if fused_lora and device.type == "cpu" and dtype == torch.float32 and kernels.load() \
+            else None
+        self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device, kernel)
         head = model.get_output_embeddings()
         if head is not None:
             # transformers hands the head each row's last position, a strided [rows, 1, hidden]
