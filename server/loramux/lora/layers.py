@@ -110,13 +110,13 @@ class RowSlots(threading.local):
         return self._plan[1]
 
     def _make_plan(self, t: int) -> Plan:
+        if t == 1 and self.kernel:  # the kernel groups rows by slot itself
+            return Plan([], row_slots=torch.tensor(self._rows, dtype=torch.long),
+                        slot_ranks=torch.tensor(self.ranks, dtype=torch.long))
         rows_of: dict[int, list[int]] = {}
         for row, s in enumerate(self._rows):
             if s >= 0:
                 rows_of.setdefault(s, []).append(row)
-        if t == 1 and self.kernel:
-            return Plan([], row_slots=torch.tensor(self._rows, dtype=torch.long),
-                        slot_ranks=torch.tensor(self.ranks, dtype=torch.long))
         # Largest first: the direct way pays per adapter, the grouped way per padded row.
         order = sorted(rows_of, key=lambda s: -len(rows_of[s]))
         if t > 1 and len(order) > 1:
