@@ -14,10 +14,11 @@ from loramux.model.quant import lean_4bit
 ISAS = [isa for isa in ("avx2", "avx512") if kernels.isa() == "avx512" or isa == kernels.isa()]
 
 
-def quantized(quant_type: str, nested: bool, out_features: int, in_features: int) -> torch.nn.Module:
+def quantized(quant_type: str, nested: bool, out_features: int, in_features: int,
+              bias: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
-    dense = torch.nn.Linear(in_features, out_features, bias=True)
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=torch.float32,
+    dense = torch.nn.Linear(in_features, out_features, bias=bias)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32,
                               compress_statistics=nested, quant_type=quant_type)
     layer.load_state_dict(dense.state_dict())
     layer.support_avx512bf16_for_cpu = False  # as the loader keeps it (model.loader.honour_compute_dtype)
@@ -147,3 +148,97 @@ def test_fused_kernel_keeps_the_calling_threads_team_size():
     thread.join()
     torch.set_num_threads(before)
     assert seen == [2]
+
+
+def lora_operands(slots: int, rank: int, d_in: int, d_out: int) -> tuple[torch.Tensor, ...]:
+    """Stacked A, B^T and scalings of `slots` slots; slot 2 empty (rank 0), slot 1 of rank 3
+    with stale non-zero rows above it (a larger adapter's, which must not count)."""
+    torch.manual_seed(1)
+    a, bt = torch.randn(slots, rank, d_in), torch.randn(slots, rank, d_out)
+    a[2], bt[2] = 0, 0
+    ranks = torch.tensor([rank, 3, 0] + [rank - i % 3 for i in range(3, slots)])
+    return a, bt, 0.5 + torch.rand(slots), ranks
+
+
+@pytest.mark.skipif(not ISAS or not kernels.load(), reason="no AVX2 or no C++ compiler: no fused kernel")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])  # one thread: no parallel region; two: split, with a barrier
+def test_product_with_the_lora_term_equals_the_two_calls(isa, threads):
+    layer = quantized("nf4", True, 400, 320, bias=False)
+    lean = lean_4bit(layer)
+    lean.wide, lean.fused_rows = isa == "avx512", 64
+    a, bt, scaling, ranks = lora_operands(6, 8, 320, 400)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in ([0] * 37, [1, -1, 3, 3, 0, 4, 4, 4, 4, 4, 5, 1], [-1] * 5, [2, 2], [5]):
+            x, slots = torch.randn(len(rows), 320), torch.tensor(rows)
+            with torch.inference_mode():
+                want = layer(x)  # the 4-bit kernel (rows <= fused_rows), then the LoRA kernel
+                torch.ops.loramux.lora_rows(x, want, a, bt, scaling, slots, ranks, lean.wide)
+                got = lean.with_lora[layer](x, a, bt, scaling, slots, ranks)
+            assert torch.equal(got, want), rows  # the same sums in the same order
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not ISAS or not kernels.load(), reason="no AVX2 or no C++ compiler: no fused kernel")
+def test_product_with_the_lora_term_only_where_it_applies():
+    lora = lora_operands(3, 4, 64, 64)
+    slots = torch.tensor([0, 1])
+    layer = quantized("nf4", True, 64, 64, bias=False)
+    lean = lean_4bit(layer)
+    lean.fused_rows = 1
+    with torch.inference_mode():
+        assert lean.with_lora[layer](torch.randn(2, 64), *lora[:3], slots, lora[3]) is None  # rows for MKL
+        lean.fused_rows = 2
+        assert lean.with_lora[layer](torch.randn(2, 64), *lora[:3], slots, lora[3]) is not None
+        biased = quantized("nf4", True, 64, 64)
+        lean = lean_4bit(biased)
+        # PEFT adds the bias before the term: a bias after it would round differently.
+        assert lean.with_lora[biased](torch.randn(2, 64), *lora[:3], slots, lora[3]) is None
+
+
+@pytest.mark.skipif(not ISAS or not kernels.load(), reason="no AVX2 or no C++ compiler: no fused kernel")
+def test_lora_layer_over_a_4bit_base_takes_the_one_call():
+    from loramux.lora.layers import LoraCosts, RowSlots, StackedLoraLinear
+
+    layer = quantized("nf4", True, 96, 64, bias=False)
+    lean = lean_4bit(layer)
+    ctx = RowSlots([0] * 4, 8, LoraCosts(), kernel=kernels.isa())
+    lora = StackedLoraLinear(layer, 4, 8, ctx, torch.float32, torch.device("cpu"))
+    torch.manual_seed(2)
+    for slot, rank in {0: 8, 3: 2}.items():
+        lora.load_slot(slot, torch.randn(rank, 64), torch.randn(rank, 96), 0.5)
+        ctx.ranks[slot] = rank
+    calls = []
+    lora.with_lora = lambda *args: calls.append(1) or lean.with_lora[layer](*args)
+    rows = [3, -1, 0, 0, 3]
+    x = torch.randn(len(rows), 1, 64)
+    ctx.set(rows, torch.device("cpu"))
+    with torch.inference_mode():
+        got = lora(x)
+        want = layer(x)
+        for i, slot in enumerate(rows):
+            if slot >= 0:
+                r = ctx.ranks[slot]
+                want[i, 0] += 0.5 * (x[i, 0] @ lora.lora_a[slot, :r].T @ lora.lora_bt[slot, :r])
+    assert calls == [1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not ISAS or not kernels.load(), reason="no AVX2 or no C++ compiler: no fused kernel")
+@pytest.mark.parametrize("fused_lora", [True, False])
+def test_runner_hands_its_lora_layers_the_kernels_one_call(base_path, fused_lora):
+    from loramux.model.loader import ModelSpec, load_base
+    from loramux.model.runner import Runner
+
+    cpu = torch.device("cpu")
+    model, tok = load_base(ModelSpec(str(base_path), "nf4", cpu, torch.float32))
+    runner = Runner(model, tok, num_slots=2, max_rank=8, device=cpu, dtype=torch.float32, fused_lora=fused_lora)
+    linked = [layer for layer in runner.layers.values() if layer.with_lora is not None]
+    if fused_lora:  # every 4-bit layer the lean forward took
+        assert len(linked) == len(runner.lean.modules) > 0
+        assert all(layer.with_lora is runner.lean.with_lora[layer.base] for layer in linked)
+    else:
+        assert not linked and runner.ctx.kernel is None

@@ -26,6 +26,8 @@ Where the model runner loaded loramux's CPU kernels (`ctx.kernel`), decode steps
 fourth, *fused*: `torch.ops.loramux.lora_rows`, one call per layer for every row and
 adapter, each slot's weights read once per group of its rows and added into the output in
 place. On SmolLM2, a 32-row step of 32 adapters: 211 -> 178 ms (grouped way -> fused).
+Where the base layer is loramux's 4-bit kernel too, the model runner hands the layer that
+kernel's `with_lora` form: the base product and the term in one call (`with_lora`).
 
 Slot tensors are allocated per layer on the first adapter that targets it, so a server
 whose adapters only touch attention pays nothing for the MLP layers. B is stored
@@ -35,6 +37,7 @@ transposed ([rank, out] per slot) so both ways read it without a permuted copy.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -202,14 +205,22 @@ class StackedLoraLinear(nn.Module):
         # The direct way's operands per slot, (A^T [in, r], B^T [r, out]) views made once at
         # load: slicing and transposing at every call is ~4 of its ~8 tensor ops.
         self._views: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_slots
+        # Set by the model runner where the base layer has it: `with_lora(x, a, bt, scaling,
+        # slots, ranks)` is `base(x)` plus the fused way's term in one kernel call, or None
+        # where that call does not apply.
+        self.with_lora: Callable[..., torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         # Nothing to add when no adapter in the batch targets this layer (e.g. attention-only
         # adapters leave the MLP layers' slots empty).
         if not self.ctx.active or not any(self.written[s] for s in self.ctx.used):
-            return y
+            return self.base(x)
         plan = self.ctx.plan(x.shape[-2] if x.dim() == 3 else 1)
+        if plan.slot_ranks is not None and self.with_lora is not None:
+            y = self.with_lora(x, self.lora_a, self.lora_bt, self.scaling, plan.row_slots, plan.slot_ranks)
+            if y is not None:
+                return y
+        y = self.base(x)
         xf = x.reshape(-1, self.in_features).to(self.lora_a.dtype)
         delta = torch.zeros_like(y) if y.dtype != self.lora_a.dtype else None
         yf = (delta if delta is not None else y).view(-1, self.out_features)

@@ -11,7 +11,9 @@ For inputs of few rows (decode steps) the fused kernel of `loramux.model.kernels
 both: it dequantizes a few weight rows at a time into a buffer that stays in cache instead
 of writing the whole float32 weight to memory and reading it back. `calibrate.fused_4bit_rows`
 times both ways on the model's own layers at start-up and sets the row count up to which
-the kernel runs (large prefills amortize the dequantize and keep MKL's matmul).
+the kernel runs (large prefills amortize the dequantize and keep MKL's matmul). Its
+`with_lora` form adds a decode step's LoRA term in the same call (`Lean4bit.with_lora`,
+handed to the LoRA layers that wrap these).
 
 Double-quantized (nested) block scales are decoded once per layer and kept in float32
 (buffer `lean_absmax`): decoding them again at every call was ~4% of a decode step. They
@@ -111,6 +113,9 @@ class Lean4bit:
         # Until measured (`calibrate.fused_4bit_rows`): decode-sized inputs, where the kernel
         # won on every CPU tried.
         self.fused_rows = 16 if fused and modules else 0
+        # Per module: its product with a decode step's LoRA term in the same kernel call
+        # (`with_lora`), for the LoRA layers that wrap it.
+        self.with_lora: dict[object, Callable] = {}
 
     def first_block(self) -> list:
         """One layer of each shape, as the model's first block has them."""
@@ -154,6 +159,23 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
                ctypes.c_longlong(rows), ctypes.c_longlong(cols))
         return F.linear(x, weight, module.bias)
 
+    def with_lora(x: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor | None:
+        """`forward(x)` plus `lora_rows`' term (its arguments `a, bt, scaling, slots, ranks`) in
+        one kernel call; None where that call does not apply (the caller adds the term itself).
+        A bias would be added after the term, where PEFT adds it before: such layers say None."""
+        qs = module.weight.quant_state
+        if (module.bias is not None or x.dtype != torch.float32 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and x.requires_grad)):
+            return None
+        rows, cols = qs.shape
+        _, absmax, packed, fusable = state(qs)
+        if not fusable or x.numel() > lean.fused_rows * cols:
+            return None
+        out = torch.ops.loramux.linear_4bit_lora(x.reshape(-1, cols).contiguous(), packed, absmax, qs.code,
+                                                 qs.blocksize, rows, lean.wide, *lora)
+        return out.view(*x.shape[:-1], rows)
+
+    lean.with_lora[module] = with_lora
     return forward
 
 

@@ -223,6 +223,9 @@ class Runner:
         kernel = kernels.isa() if fused_lora and device.type == "cpu" and dtype == torch.float32 and kernels.load() \
             else None
         self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device, kernel)
+        if kernel:  # the 4-bit product and the LoRA term in one call, where the base has the kernel
+            for layer in self.layers.values():
+                layer.with_lora = self.lean.with_lora.get(layer.base)
         head = model.get_output_embeddings()
         if head is not None:
             # transformers hands the head each row's last position, a strided [rows, 1, hidden]

@@ -8,7 +8,9 @@
 // bitsandbytes' dequantize; only the order of the sums differs, as it does between batch
 // sizes in any GEMM. AVX2 and AVX-512 builds of the same loops; the caller picks one.
 //
-// Also `lora_rows`: a decode step's LoRA term for every row and adapter in one call (below).
+// Also `lora_rows`: a decode step's LoRA term for every row and adapter in one call (below),
+// and `linear_4bit_lora`: both in one parallel region, the term added to each thread's
+// output columns while they are in its cache.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <immintrin.h>
@@ -89,19 +91,23 @@ inline int64_t tile_rows(int64_t K) { return std::max<int64_t>(4, (8192 / K) / 4
     for (; j + kNR <= nr; j += kNR) micro<MR, kNR>(x, K, w + j * K, out + j, ldo);            \
     for (; j < nr; ++j) micro<MR, 1>(x, K, w + j * K, out + j, ldo);                          \
   }                                                                                           \
-  void run(const Args& a) {                                                                   \
+  /* output tiles [t0, t1) of tile_rows(K) columns each, through one thread's tile buffer */  \
+  void tiles(const Args& a, int64_t t0, int64_t t1, float* buf) {                             \
     const int64_t K = a.K, N = a.N, M = a.M, tile = tile_rows(K);                             \
+    for (int64_t t = t0; t < t1; ++t) {                                                       \
+      const int64_t n0 = t * tile, nr = std::min(tile, N - n0);                               \
+      dequant(a, n0 * K, nr * K, buf);                                                        \
+      int64_t m = 0;                                                                          \
+      for (; m + kMR <= M; m += kMR) rows<kMR>(a.x + m * K, K, buf, nr, a.out + m * N + n0, N); \
+      for (; m < M; ++m) rows<1>(a.x + m * K, K, buf, nr, a.out + m * N + n0, N);              \
+    }                                                                                         \
+  }                                                                                           \
+  void run(const Args& a) {                                                                   \
+    const int64_t tile = tile_rows(a.K);                                                      \
     /* each thread's tile buffer, made before the parallel region (nothing in it may throw) */ \
-    std::vector<float> bufs(omp_get_max_threads() * tile * K);                                \
-    parallel((N + tile - 1) / tile, [&](int64_t t0, int64_t t1, int64_t id) {                 \
-      float* buf = bufs.data() + id * tile * K;                                               \
-      for (int64_t t = t0; t < t1; ++t) {                                                     \
-        const int64_t n0 = t * tile, nr = std::min(tile, N - n0);                             \
-        dequant(a, n0 * K, nr * K, buf);                                                      \
-        int64_t m = 0;                                                                        \
-        for (; m + kMR <= M; m += kMR) rows<kMR>(a.x + m * K, K, buf, nr, a.out + m * N + n0, N); \
-        for (; m < M; ++m) rows<1>(a.x + m * K, K, buf, nr, a.out + m * N + n0, N);            \
-      }                                                                                       \
+    std::vector<float> bufs(omp_get_max_threads() * tile * a.K);                              \
+    parallel((a.N + tile - 1) / tile, [&](int64_t t0, int64_t t1, int64_t id) {               \
+      tiles(a, t0, t1, bufs.data() + id * tile * a.K);                                        \
     });                                                                                       \
   }
 
@@ -171,24 +177,31 @@ constexpr int kGroup = 4;
     for (int i = 0; i < G; ++i)                                                               \
       for (int u = 0; u < U; ++u) store(y[i] + n + u * kLanes, acc[i][u]);                    \
   }                                                                                           \
-  /* y[row i] += h[i] B^T for the group's G rows, U vectors of outputs at a time */           \
+  /* y[row i][n0, n1) += h[i] B^T for the group's G rows, U vectors of outputs at a time */   \
   template <int G>                                                                            \
-  inline void lora_up(const LoraArgs& a, const Group& g, const int64_t* rows, const float* h) {\
+  inline void lora_up(const LoraArgs& a, const Group& g, const int64_t* rows, const float* h, \
+                      int64_t n0, int64_t n1) {                                               \
     constexpr int U = G >= 3 ? 2 : 8 / G;                                                     \
     const float* w = a.bt + g.slot * a.R * a.N;                                               \
     float* y[G];                                                                              \
     for (int i = 0; i < G; ++i) y[i] = a.y + rows[i] * a.N;                                   \
-    int64_t n = 0;                                                                            \
-    for (; n + U * kLanes <= a.N; n += U * kLanes) up_block<G, U>(y, w, a.N, n, h, g.rank);   \
-    for (; n + kLanes <= a.N; n += kLanes) up_block<G, 1>(y, w, a.N, n, h, g.rank);           \
-    for (; n < a.N; ++n)                                                                      \
+    int64_t n = n0;                                                                           \
+    for (; n + U * kLanes <= n1; n += U * kLanes) up_block<G, U>(y, w, a.N, n, h, g.rank);    \
+    for (; n + kLanes <= n1; n += kLanes) up_block<G, 1>(y, w, a.N, n, h, g.rank);            \
+    for (; n < n1; ++n)                                                                       \
       for (int i = 0; i < G; ++i)                                                             \
         for (int64_t j = 0; j < g.rank; ++j) y[i][n] += h[i * g.rank + j] * w[j * a.N + n];   \
   }                                                                                           \
-  template <int G>                                                                            \
-  inline void lora_group(const LoraArgs& a, const Group& g, const int64_t* rows, float* h) {  \
-    lora_down<G>(a, g, rows, h);                                                              \
-    lora_up<G>(a, g, rows, h);                                                                \
+  /* the down (`up` false) or up products of one group, [n0, n1) of the outputs for up */      \
+  inline void lora_part(const LoraArgs& a, const Group& g, const int64_t* order, float* h, bool up, \
+                        int64_t n0, int64_t n1) {                                             \
+    const int64_t* rows = order + g.first;                                                    \
+    switch (g.count) {                                                                        \
+      case 1: up ? lora_up<1>(a, g, rows, h, n0, n1) : lora_down<1>(a, g, rows, h); break;    \
+      case 2: up ? lora_up<2>(a, g, rows, h, n0, n1) : lora_down<2>(a, g, rows, h); break;    \
+      case 3: up ? lora_up<3>(a, g, rows, h, n0, n1) : lora_down<3>(a, g, rows, h); break;    \
+      default: up ? lora_up<kGroup>(a, g, rows, h, n0, n1) : lora_down<kGroup>(a, g, rows, h); \
+    }                                                                                         \
   }                                                                                           \
   void lora_run(const LoraArgs& a, const std::vector<Group>& groups, const int64_t* order) {  \
     /* each thread's h, made before the parallel region (nothing in it may throw) */          \
@@ -196,16 +209,39 @@ constexpr int kGroup = 4;
     parallel(static_cast<int64_t>(groups.size()), [&](int64_t g0, int64_t g1, int64_t id) {   \
       float* h = hs.data() + id * kGroup * a.R;                                               \
       for (int64_t t = g0; t < g1; ++t) {                                                     \
-        const Group& g = groups[t];                                                           \
-        const int64_t* rows = order + g.first;                                                \
-        switch (g.count) {                                                                    \
-          case 1: lora_group<1>(a, g, rows, h); break;                                        \
-          case 2: lora_group<2>(a, g, rows, h); break;                                        \
-          case 3: lora_group<3>(a, g, rows, h); break;                                        \
-          default: lora_group<kGroup>(a, g, rows, h);                                         \
-        }                                                                                     \
+        lora_part(a, groups[t], order, h, false, 0, 0);                                       \
+        lora_part(a, groups[t], order, h, true, 0, a.N);                                      \
       }                                                                                       \
     });                                                                                       \
+  }                                                                                           \
+  /* run's product and lora_run's term in one parallel region: every row's h first (split by */ \
+  /* groups; each output column needs all of them), then each thread's tiles of W and the */    \
+  /* LoRA term over the same output columns, while they are still in its cache */             \
+  void fused_run(const Args& a, const LoraArgs& l, const std::vector<Group>& groups, const int64_t* order) { \
+    const int64_t K = a.K, N = a.N, M = a.M, tile = tile_rows(K), nt = (N + tile - 1) / tile; \
+    const int64_t ng = static_cast<int64_t>(groups.size());                                   \
+    std::vector<float> bufs(omp_get_max_threads() * tile * K), hs(std::max<int64_t>(1, M * l.R)); \
+    auto down = [&](int64_t g0, int64_t g1) {                                                 \
+      for (int64_t t = g0; t < g1; ++t) lora_part(l, groups[t], order, hs.data() + groups[t].first * l.R, false, 0, 0); \
+    };                                                                                        \
+    auto rest = [&](int64_t t0, int64_t t1, float* buf) {                                     \
+      tiles(a, t0, t1, buf);                                                                  \
+      const int64_t n0 = std::min(N, t0 * tile), n1 = std::min(N, t1 * tile);                 \
+      for (const Group& g : groups) lora_part(l, g, order, hs.data() + g.first * l.R, true, n0, n1); \
+    };                                                                                        \
+    if (omp_in_parallel() || omp_get_max_threads() == 1) {                                    \
+      down(0, ng);                                                                            \
+      return rest(0, nt, bufs.data());                                                     \
+    }                                                                                         \
+    _Pragma("omp parallel")                                                                   \
+    {                                                                                         \
+      const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();                  \
+      const int64_t gc = (ng + team - 1) / team, g0 = std::min(ng, id * gc);                  \
+      down(g0, std::min(ng, g0 + gc));                                                        \
+      _Pragma("omp barrier")                                                                  \
+      const int64_t tc = (nt + team - 1) / team, t0 = std::min(nt, id * tc);                  \
+      rest(t0, std::min(nt, t0 + tc), bufs.data() + id * tile * K);                           \
+    }                                                                                         \
   }
 
 namespace avx2 {
@@ -271,8 +307,9 @@ void check_isa(bool wide) {
   TORCH_CHECK(wide ? has_avx512 : has_avx2, wide ? "this CPU has no AVX-512" : "this CPU has no AVX2/FMA");
 }
 
-at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                      const at::Tensor& code, int64_t blocksize, int64_t N, bool wide) {
+// The 4-bit product's arguments, checked; `out` still to be set.
+Args base_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+               int64_t blocksize, int64_t N) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8");
   TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous(), "absmax: contiguous float32");
@@ -280,9 +317,15 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % 16 == 0 && blocksize % 16 == 0, "K and the block size must be multiples of 16");
   TORCH_CHECK(packed.numel() * 2 == N * K && absmax.numel() * blocksize >= N * K, "W is N x K");
-  auto out = at::empty({M, N}, x.options());
-  const Args a{x.data_ptr<float>(), packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-               code.data_ptr<float>(), out.data_ptr<float>(), M, N, K, blocksize};
+  return Args{x.data_ptr<float>(), packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(),
+              nullptr, M, N, K, blocksize};
+}
+
+at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                      const at::Tensor& code, int64_t blocksize, int64_t N, bool wide) {
+  Args a = base_args(x, packed, absmax, code, blocksize, N);
+  auto out = at::empty({a.M, N}, x.options());
+  a.out = out.data_ptr<float>();
   check_isa(wide);
   if (wide) avx512::run(a); else avx2::run(a);
   return out;
@@ -306,14 +349,14 @@ std::vector<Group> lora_groups(const int64_t* slots, const int64_t* ranks, int64
   return groups;
 }
 
-void lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& bt,
-               const at::Tensor& scaling, const at::Tensor& slots, const at::Tensor& ranks, bool wide) {
+// The LoRA term's arguments for x [M, K] into y [M, N], checked; its row groups into `groups`.
+LoraArgs lora_args(const at::Tensor& x, float* y, int64_t N, const at::Tensor& a, const at::Tensor& bt,
+                   const at::Tensor& scaling, const at::Tensor& slots, const at::Tensor& ranks,
+                   std::vector<Group>& groups, std::vector<int64_t>& order) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
-              "y: contiguous float32 [M, N]");
   TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.dim() == 3 && a.size(2) == x.size(1),
               "a: contiguous float32 [S, R, K]");
-  TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.dim() == 3 && bt.size(2) == y.size(1) &&
+  TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.dim() == 3 && bt.size(2) == N &&
               bt.size(0) == a.size(0) && bt.size(1) == a.size(1), "bt: contiguous float32 [S, R, N]");
   TORCH_CHECK(scaling.scalar_type() == at::kFloat && scaling.is_contiguous() && scaling.numel() == a.size(0),
               "scaling: float32 [S]");
@@ -324,12 +367,37 @@ void lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, co
   const int64_t S = a.size(0), R = a.size(1);
   const int64_t* rk = ranks.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK(rk[s] >= 0 && rk[s] <= R, "rank of slot ", s, " out of range");
-  check_isa(wide);
+  groups = lora_groups(slots.data_ptr<int64_t>(), rk, x.size(0), S, order);
+  return LoraArgs{x.data_ptr<float>(), y, a.data_ptr<float>(), bt.data_ptr<float>(), scaling.data_ptr<float>(),
+                  x.size(1), N, R};
+}
+
+void lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& bt,
+               const at::Tensor& scaling, const at::Tensor& slots, const at::Tensor& ranks, bool wide) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.is_contiguous() && y.size(0) == x.size(0),
+              "y: contiguous float32 [M, N]");
+  std::vector<Group> groups;
   std::vector<int64_t> order;
-  const auto groups = lora_groups(slots.data_ptr<int64_t>(), rk, x.size(0), S, order);
-  const LoraArgs args{x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(), bt.data_ptr<float>(),
-                      scaling.data_ptr<float>(), x.size(1), y.size(1), R};
+  const LoraArgs args = lora_args(x, y.data_ptr<float>(), y.size(1), a, bt, scaling, slots, ranks, groups, order);
+  check_isa(wide);
   if (wide) avx512::lora_run(args, groups, order.data()); else avx2::lora_run(args, groups, order.data());
+}
+
+// linear_4bit(x, ...) + the LoRA term lora_rows adds, in one pass over the output (the same
+// sums in the same order: the same numbers as the two calls).
+at::Tensor linear_4bit_lora(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                            const at::Tensor& code, int64_t blocksize, int64_t N, bool wide, const at::Tensor& a,
+                            const at::Tensor& bt, const at::Tensor& scaling, const at::Tensor& slots,
+                            const at::Tensor& ranks) {
+  Args base = base_args(x, packed, absmax, code, blocksize, N);
+  auto out = at::empty({base.M, N}, x.options());
+  base.out = out.data_ptr<float>();
+  std::vector<Group> groups;
+  std::vector<int64_t> order;
+  const LoraArgs lora = lora_args(x, base.out, N, a, bt, scaling, slots, ranks, groups, order);
+  check_isa(wide);
+  if (wide) avx512::fused_run(base, lora, groups, order.data()); else avx2::fused_run(base, lora, groups, order.data());
+  return out;
 }
 
 }  // namespace
@@ -338,8 +406,11 @@ TORCH_LIBRARY(loramux, m) {
   m.def("linear_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int N, bool wide) -> Tensor");
   m.def("lora_rows(Tensor x, Tensor(a!) y, Tensor a, Tensor bt, Tensor scaling, Tensor slots, Tensor ranks, "
         "bool wide) -> ()");
+  m.def("linear_4bit_lora(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int N, bool wide, "
+        "Tensor a, Tensor bt, Tensor scaling, Tensor slots, Tensor ranks) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(loramux, CPU, m) {
   m.impl("linear_4bit", &linear_4bit);
   m.impl("lora_rows", &lora_rows);
+  m.impl("linear_4bit_lora", &linear_4bit_lora);
 }
