@@ -437,8 +437,14 @@ class Engine:
 
     def _prefill(self, rows: list[Row]) -> None:
         """Run the prompts, stream each first token, queue the rows to join the batch."""
+        started = time.perf_counter()
         out = self._prefill_step(rows, lambda: self.runner.prefill([r.req.prompt_ids for r in rows],
                                                                    [r.slot for r in rows], [r.past for r in rows]))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("prefill: %d rows of %d adapters, %d tokens, %d cached, widest %d computed, %.0f ms",
+                      len(rows), len({r.req.adapter_id for r in rows}), sum(len(r.req.prompt_ids) for r in rows),
+                      sum(r.hit for r in rows), max(len(r.req.prompt_ids) - r.hit for r in rows),
+                      1e3 * (time.perf_counter() - started))
         for row in rows:
             row.past = None  # copied into the group: the cache may evict it now
         if out is not None:
