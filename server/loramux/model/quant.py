@@ -142,18 +142,32 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
 
     state(module.weight.quant_state)  # now, not at the first request
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def plain(x: torch.Tensor) -> bool:
+        """An input the lean paths take: float32 on the CPU, no gradient wanted."""
+        return x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+
+    def fused(op, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor | None:
+        """`op` (a fused-kernel op) on `x`, or None where the kernel does not take it: more
+        rows than `fused_rows`, or a layout it does not read."""
         qs = module.weight.quant_state
-        if x.dtype != torch.float32 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-            return fallback(x)
         rows, cols = qs.shape
         _, absmax, packed, fusable = state(qs)
-        if fusable and x.numel() <= lean.fused_rows * cols:
-            out = torch.ops.loramux.linear_4bit(x.reshape(-1, cols).contiguous(), packed, absmax, qs.code,
-                                                qs.blocksize, rows, lean.wide)
+        if not fusable or x.numel() > lean.fused_rows * cols:
+            return None
+        out = op(x.reshape(-1, cols).contiguous(), packed, absmax, qs.code, qs.blocksize, rows, lean.wide, *extra)
+        return out.view(*x.shape[:-1], rows)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not plain(x):
+            return fallback(x)
+        out = fused(torch.ops.loramux.linear_4bit, x)
+        if out is not None:
             if module.bias is not None:
                 out += module.bias
-            return out.view(*x.shape[:-1], rows)
+            return out
+        qs = module.weight.quant_state
+        rows, cols = qs.shape
+        _, absmax, packed, _ = state(qs)
         weight = _scratch.get("weight", rows * cols).view(rows, cols)
         kernel(_ptr(packed), _ptr(absmax), _ptr(weight), ctypes.c_longlong(qs.blocksize),
                ctypes.c_longlong(rows), ctypes.c_longlong(cols))
@@ -163,17 +177,9 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
         """`forward(x)` plus `lora_rows`' term (its arguments `a, bt, scaling, slots, ranks`) in
         one kernel call; None where that call does not apply (the caller adds the term itself).
         A bias would be added after the term, where PEFT adds it before: such layers say None."""
-        qs = module.weight.quant_state
-        if (module.bias is not None or x.dtype != torch.float32 or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and x.requires_grad)):
+        if module.bias is not None or not plain(x):
             return None
-        rows, cols = qs.shape
-        _, absmax, packed, fusable = state(qs)
-        if not fusable or x.numel() > lean.fused_rows * cols:
-            return None
-        out = torch.ops.loramux.linear_4bit_lora(x.reshape(-1, cols).contiguous(), packed, absmax, qs.code,
-                                                 qs.blocksize, rows, lean.wide, *lora)
-        return out.view(*x.shape[:-1], rows)
+        return fused(torch.ops.loramux.linear_4bit_lora, x, *lora)
 
     lean.with_lora[module] = with_lora
     return forward
