@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from loramux.lora.layers import LoraCosts
+from loramux.model.head import DenseHead
 from loramux.model.quant import Lean4bit
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,33 @@ def fused_4bit_rows(lean: Lean4bit, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32,
         chosen = n
     lean.fused_rows = chosen
     log.info("fused 4-bit kernel (%s) for inputs of up to %d rows", "avx512" if lean.wide else "avx2", chosen)
+    return chosen
+
+
+@torch.inference_mode()
+def dense_head_rows(head: DenseHead, rows: tuple[int, ...] = (1, 4, 16, 32, 64, 128, 256), repeat: int = 3) -> int:
+    """Up to how many input rows oneDNN's linear beats the module's own forward on the
+    model's output head, 0 if it never does or its numbers are not the same product (then
+    a warning). The first loss ends the search, as in `fused_4bit_rows`."""
+    if head.op is None:
+        return 0
+    chosen = 0
+    for n in rows:
+        x = torch.randn(n, head.module.in_features)
+        times, outs = [], []
+        for limit in (n, 0):
+            head.rows = limit
+            outs.append(head.module(x))
+            times.append(_seconds(lambda x=x: head.module(x), torch.device("cpu"), repeat))
+        if not torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4 * float(outs[1].abs().max())):
+            log.warning("oneDNN's linear disagrees with the output head's own product; not used")
+            chosen = 0
+            break
+        if times[0] > times[1]:
+            break
+        chosen = n
+    head.rows = chosen
+    log.info("output head through oneDNN for inputs of up to %d rows", chosen)
     return chosen
 
 

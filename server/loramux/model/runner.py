@@ -20,7 +20,8 @@ from transformers.cache_utils import DynamicLayer
 
 from loramux.lora.layers import attach_stacked_lora, slot_memory
 from loramux.model import kernels
-from loramux.model.calibrate import forward_cost_tokens, fused_4bit_rows, lora_costs
+from loramux.model.calibrate import dense_head_rows, forward_cost_tokens, fused_4bit_rows, lora_costs
+from loramux.model.head import DenseHead
 from loramux.model.quant import lean_4bit
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,7 @@ class Runner:
             # view when prompts have several tokens: matmul's strided path took 2.5x as long
             # as a contiguous input (~50 of a ~450 ms prefill of 8 prompts on SmolLM2).
             head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+        self.head = DenseHead(head)  # oneDNN for the head's product where `calibrate` finds it faster
         # What one more prefill forward costs, in prompt tokens (`calibrate` measures it):
         # on a CPU a forward's fixed cost is dequantizing every layer and Python; on an
         # accelerator padding costs little and every forward is a train of launches.
@@ -245,6 +247,7 @@ class Runner:
         """Measure the cost-model constants on this model and device (about a second)."""
         started = time.perf_counter()
         fused_4bit_rows(self.lean)  # first: the forward costs below depend on it
+        dense_head_rows(self.head)
         costs = lora_costs([(layer.in_features, layer.out_features) for layer in self.layers.values()],
                            self._num_slots, self._max_rank, self._dtype, self.device)
         c = self.ctx.costs
