@@ -50,23 +50,24 @@ inline int64_t tile_rows(int64_t K) { return std::max<int64_t>(4, (8192 / K) / 4
 
 // Weights [start, start + count) of the flat array as float32 (start, count and blocksize
 // are multiples of 16, so 16 weights never straddle two blocks); the ISA's `put16` looks up
-// 16 codes and scales them.
+// 16 codes in a table already multiplied by the block's scale (the same float32 products as
+// scaling each value after the lookup: one multiply per block instead of one per 16 weights).
 #define LORAMUX_KERNEL_BODY                                                                   \
   inline void dequant(const Args& a, int64_t start, int64_t count, float* dst) {              \
     const __m128i mask = _mm_set1_epi8(0x0F);                                                 \
-    const Lut lut = make_lut(a.code);                                                         \
+    const Lut code = make_lut(a.code);                                                        \
     /* the block is counted, not divided: a division per 16 weights costs more than the lookup */ \
     int64_t block = start / a.blocksize, left = a.blocksize - start % a.blocksize;           \
-    float scale = a.absmax[block];                                                            \
+    Lut lut = scaled(code, a.absmax[block]);                                                  \
     const uint8_t* src = a.packed + start / 2;                                                \
     for (int64_t i = 0; i < count; i += 16, src += 8, left -= 16) {                           \
       if (left == 0) {                                                                        \
-        scale = a.absmax[++block];                                                            \
+        lut = scaled(code, a.absmax[++block]);                                                \
         left = a.blocksize;                                                                   \
       }                                                                                       \
       const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));              \
       put16(_mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask)), \
-            lut, scale, dst + i);                                                             \
+            lut, dst + i);                                                                    \
     }                                                                                         \
   }                                                                                           \
   template <int MR, int NR>                                                                   \
@@ -268,11 +269,14 @@ struct Lut {
   Vec lo, hi;
 };
 inline Lut make_lut(const float* code) { return {_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8)}; }
-// 16 codes (one per byte) -> their values x scale, into dst.
-inline void put16(__m128i codes, const Lut& lut, float scale, float* dst) {
+inline Lut scaled(const Lut& lut, float scale) {
   const Vec s = _mm256_set1_ps(scale);
-  _mm256_storeu_ps(dst, _mm256_mul_ps(lookup(_mm256_cvtepu8_epi32(codes), lut.lo, lut.hi), s));
-  _mm256_storeu_ps(dst + 8, _mm256_mul_ps(lookup(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), lut.lo, lut.hi), s));
+  return {_mm256_mul_ps(lut.lo, s), _mm256_mul_ps(lut.hi, s)};
+}
+// 16 codes (one per byte) -> their values in `lut` (already x scale), into dst.
+inline void put16(__m128i codes, const Lut& lut, float* dst) {
+  _mm256_storeu_ps(dst, lookup(_mm256_cvtepu8_epi32(codes), lut.lo, lut.hi));
+  _mm256_storeu_ps(dst + 8, lookup(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8)), lut.lo, lut.hi));
 }
 LORAMUX_KERNEL_BODY
 LORAMUX_LORA_BODY
@@ -292,8 +296,9 @@ inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 using Lut = Vec;  // all 16 values in one register
 inline Lut make_lut(const float* code) { return _mm512_loadu_ps(code); }
-inline void put16(__m128i codes, const Lut& lut, float scale, float* dst) {
-  _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), lut), _mm512_set1_ps(scale)));
+inline Lut scaled(const Lut& lut, float scale) { return _mm512_mul_ps(lut, _mm512_set1_ps(scale)); }
+inline void put16(__m128i codes, const Lut& lut, float* dst) {
+  _mm512_storeu_ps(dst, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), lut));
 }
 LORAMUX_KERNEL_BODY
 LORAMUX_LORA_BODY
