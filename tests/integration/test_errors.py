@@ -135,9 +135,13 @@ def test_prompt_too_long(server, reference):
 
 def test_queue_full_answers_at_once(server, reference):
     with server.client() as c:
-        long_calls = [c.stream("Once upon a time", "good", max_new_tokens=300) for _ in range(3)]
-        # One running (batch size 1), two waiting: the queue (2) is full. Waited for on the gauges,
-        # not a fixed sleep: on a busy machine the streams may take longer than a second to arrive.
+        # One running (batch size 1), then two waiting: the queue (2) is full. The first is
+        # admitted before the others are sent: three sent at once on a busy machine could all
+        # be queued before the engine took one, and the third was refused (seen in CI). Waited
+        # for on the gauges, not a fixed sleep.
+        long_calls = [c.stream("Once upon a time", "good", max_new_tokens=300)]
+        assert wait_for(lambda: server.metrics().get("loramux_running_requests") == 1, timeout=30)
+        long_calls += [c.stream("Once upon a time", "good", max_new_tokens=300) for _ in range(2)]
         assert wait_for(lambda: server.metrics().get("loramux_queue_depth") == 2, timeout=30)
         start = time.monotonic()
         details = expect(S.RESOURCE_EXHAUSTED, c.generate, "hi", "good", max_new_tokens=4)
