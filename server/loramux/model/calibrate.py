@@ -78,57 +78,68 @@ def _shape_costs(d_in: int, d_out: int, num_slots: int, rank: int, z: dict, rows
     return LoraCosts(_seconds(direct, device), max(one_row - num_slots * rank * row_rank, 0.0), row_rank)
 
 
+def _crossover(rows: tuple[int, ...], switch: Callable[[int], None], make: Callable[[int], Callable[[], object]],
+               repeat: int, same: Callable[[object, object], bool] | None = None) -> int | None:
+    """The largest of `rows` (ascending) up to which a fast way beats the usual one: `switch(n)`
+    turns the fast way on for inputs of up to n rows, `switch(0)` off, and `make(n)` gives the
+    call timed with n rows. The fast way wins at few rows and loses its lead as rows grow, so
+    the first loss ends the search. None if `same` (given the two ways' outputs) fails."""
+    chosen = 0
+    for n in rows:
+        run, times, outs = make(n), [], []
+        for limit in (n, 0):
+            switch(limit)
+            outs.append(run())
+            times.append(_seconds(run, torch.device("cpu"), repeat))
+        if same is not None and not same(*outs):
+            return None
+        if times[0] > times[1]:
+            break
+        chosen = n
+    return chosen
+
+
 @torch.inference_mode()
 def fused_4bit_rows(lean: Lean4bit, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
                     repeat: int = 3) -> int:
     """Up to how many input rows the fused 4-bit kernel beats dequantize-then-matmul on the
-    model's own layer shapes (one of each), 0 if it never does. It wins at few rows and loses
-    its lead as rows amortize the dequantize, so the first loss ends the search."""
+    model's own layer shapes (one of each), 0 if it never does."""
     if not lean.fused_rows:
         return 0
-    layers, chosen = lean.first_block(), 0
-    for n in rows:
+    layers = lean.first_block()
+
+    def make(n: int) -> Callable[[], object]:
         xs = [torch.randn(n, m.in_features) for m in layers]
-        times = []
-        for fused in (n, 0):
-            lean.fused_rows = fused
-            times.append(_seconds(lambda xs=xs: [m(x) for m, x in zip(layers, xs, strict=True)],
-                                  torch.device("cpu"), repeat))
-        if times[0] > times[1]:
-            break
-        chosen = n
-    lean.fused_rows = chosen
-    log.info("fused 4-bit kernel (%s) for inputs of up to %d rows", "avx512" if lean.wide else "avx2", chosen)
-    return chosen
+        return lambda: [m(x) for m, x in zip(layers, xs, strict=True)]
+
+    lean.fused_rows = _crossover(rows, lambda limit: setattr(lean, "fused_rows", limit), make, repeat)
+    log.info("fused 4-bit kernel (%s) for inputs of up to %d rows", "avx512" if lean.wide else "avx2",
+             lean.fused_rows)
+    return lean.fused_rows
 
 
 @torch.inference_mode()
 def dense_head_rows(head: DenseHead, rows: tuple[int, ...] = (1, 8, 32, 128), repeat: int = 3) -> int:
     """Up to how many input rows oneDNN's linear beats the module's own forward on the
     model's output head, 0 if it never does or its numbers are not the same product (then
-    a warning). The first loss ends the search, as in `fused_4bit_rows`. Up to 128 rows: the
-    head sees a decode batch or a prefill's last positions, and each size timed costs start-up
-    (on SmolLM2 up to 256 rows took 3.4 s)."""
+    a warning). Up to 128 rows: the head sees a decode batch or a prefill's last positions,
+    and each size timed costs start-up (on SmolLM2 up to 256 rows took 3.4 s)."""
     if head.op is None:
         return 0
-    chosen = 0
-    for n in rows:
+
+    def make(n: int) -> Callable[[], object]:
         x = torch.randn(n, head.module.in_features)
-        times, outs = [], []
-        for limit in (n, 0):
-            head.rows = limit
-            outs.append(head.module(x))
-            times.append(_seconds(lambda x=x: head.module(x), torch.device("cpu"), repeat))
-        if not torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4 * float(outs[1].abs().max())):
-            log.warning("oneDNN's linear disagrees with the output head's own product; not used")
-            chosen = 0
-            break
-        if times[0] > times[1]:
-            break
-        chosen = n
-    head.rows = chosen
-    log.info("output head through oneDNN for inputs of up to %d rows", chosen)
-    return chosen
+        return lambda: head.module(x)
+
+    def same(fast: torch.Tensor, usual: torch.Tensor) -> bool:
+        return torch.allclose(fast, usual, rtol=1e-4, atol=1e-4 * float(usual.abs().max()))
+
+    chosen = _crossover(rows, lambda limit: setattr(head, "rows", limit), make, repeat, same)
+    if chosen is None:
+        log.warning("oneDNN's linear disagrees with the output head's own product; not used")
+    head.rows = chosen or 0
+    log.info("output head through oneDNN for inputs of up to %d rows", head.rows)
+    return head.rows
 
 
 def forward_cost_tokens(prefill: Callable[[list[list[int]]], object], token: int, device: torch.device,

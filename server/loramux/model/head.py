@@ -15,12 +15,11 @@ that wants gradients takes the module's own forward.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
 
-log = logging.getLogger(__name__)
+from loramux.model.quant import plain_input
 
 
 def _op() -> Callable | None:
@@ -48,8 +47,8 @@ class DenseHead:
         weight, bias, op = self.module.weight, self.module.bias, self.op
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if (x.numel() > self.rows * x.shape[-1] or x.dtype != torch.float32 or x.device.type != "cpu"
-                    or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            if (x.numel() > self.rows * x.shape[-1] or not plain_input(x)
+                    or (torch.is_grad_enabled() and weight.requires_grad)):
                 return fallback(x)
             return op(x.contiguous(), weight, bias, "none", [], "")
         return forward

@@ -71,6 +71,12 @@ def _lib():
     return lib if all(hasattr(lib, n) for n in names) else None
 
 
+def plain_input(x: torch.Tensor) -> bool:
+    """An input the lean CPU paths take (here and the output head's): float32 on the CPU,
+    no gradient wanted."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def _eligible(module) -> bool:
     """The layouts the raw kernels take as they are (the C calls get bare pointers)."""
     qs = getattr(getattr(module, "weight", None), "quant_state", None)
@@ -142,10 +148,6 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
 
     state(module.weight.quant_state)  # now, not at the first request
 
-    def plain(x: torch.Tensor) -> bool:
-        """An input the lean paths take: float32 on the CPU, no gradient wanted."""
-        return x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-
     def fused(op, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor | None:
         """`op` (a fused-kernel op) on `x`, or None where the kernel does not take it: more
         rows than `fused_rows`, or a layout it does not read."""
@@ -158,7 +160,7 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
         return out.view(*x.shape[:-1], rows)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if not plain(x):
+        if not plain_input(x):
             return fallback(x)
         out = fused(torch.ops.loramux.linear_4bit, x)
         if out is not None:
@@ -177,7 +179,7 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
         """`forward(x)` plus `lora_rows`' term (its arguments `a, bt, scaling, slots, ranks`) in
         one kernel call; None where that call does not apply (the caller adds the term itself).
         A bias would be added after the term, where PEFT adds it before: such layers say None."""
-        if module.bias is not None or not plain(x):
+        if module.bias is not None or not plain_input(x):
             return None
         return fused(torch.ops.loramux.linear_4bit_lora, x, *lora)
 
