@@ -16,6 +16,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[train,dev,ray]"
   echo "$want" > "$stamp"
 fi
-# The fused 4-bit CPU kernel, compiled once into the cache (~15 s) so that no server start
+# loramux's CPU kernels (4-bit product, LoRA term, decode attention), compiled once into the cache (~30 s) so that no server start
 # waits for it; without a C++ compiler the server keeps bitsandbytes' way and says so.
 "$VENV/bin/python" -m loramux.model.kernels >&2 || echo "setup: no fused 4-bit CPU kernel (see above)" >&2

@@ -41,7 +41,8 @@ def load_runner(cfg: ServerConfig, device, dtype) -> Runner:
     """The base with its LoRA slots, its cost model measured."""
     model, tokenizer = load_base(ModelSpec(cfg.model, cfg.quantization, device, dtype))
     runner = Runner(model, tokenizer, cfg.max_active_adapters, cfg.max_lora_rank, device, dtype,
-                    fused_4bit=cfg.cpu_4bit_kernel == "fused", fused_lora=cfg.cpu_lora_kernel == "fused")
+                    fused_4bit=cfg.cpu_4bit_kernel == "fused", fused_lora=cfg.cpu_lora_kernel == "fused",
+                    fused_attention=cfg.cpu_attention_kernel == "fused")
     runner.calibrate()
     return runner
 

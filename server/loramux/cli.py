@@ -52,6 +52,9 @@ def _serve_parser(sub) -> None:
          "CPUs, built once with the C++ compiler) | dequantize (bitsandbytes' dequantize-then-matmul only)")
     _add(p, "--cpu-lora-kernel", str, "fused", "fused (loramux's kernel for decode steps' LoRA term, every adapter "
          "in one call per layer, on AVX2/AVX-512 CPUs with float32 compute) | torch (tensor ops only)")
+    _add(p, "--cpu-attention-kernel", str, "fused", "fused (loramux's kernel for decode steps' attention, each "
+         "row's keys and values read once for its query heads, on AVX2/AVX-512 CPUs with float32 compute) | "
+         "sdpa (torch's scaled_dot_product_attention only)")
     _add(p, "--adapter-dir", Path, Path("adapters"), "adapter folders registered by name, watched while running")
     _add(p, "--allow-adapter-root", list, [], "another folder RegisterAdapter may read from (repeatable)")
     _add(p, "--max-active-adapters", int, 32, "adapters resident on the device at once (slots)")
@@ -157,7 +160,7 @@ def _serve(args) -> int:
             model=args.model,
             quantization=args.quantization, compute_dtype=args.compute_dtype, device=args.device,
             cpu_4bit_kernel=args.cpu_4bit_kernel,
-            cpu_lora_kernel=args.cpu_lora_kernel,
+            cpu_lora_kernel=args.cpu_lora_kernel, cpu_attention_kernel=args.cpu_attention_kernel,
             adapter_dir=args.adapter_dir, allow_adapter_roots=tuple(Path(p) for p in args.allow_adapter_root),
             max_active_adapters=args.max_active_adapters, max_lora_rank=args.max_lora_rank,
             host_cache_bytes=args.host_cache_bytes, prefix_cache_bytes=args.prefix_cache_bytes,

@@ -9,6 +9,7 @@ QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_4BIT_KERNELS = ("fused", "dequantize")
 CPU_LORA_KERNELS = ("fused", "torch")
+CPU_ATTENTION_KERNELS = ("fused", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ServerConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     cpu_4bit_kernel: str = "fused"  # fused: loramux's kernel for few rows; dequantize: bitsandbytes' way only
     cpu_lora_kernel: str = "fused"  # fused: loramux's kernel for decode steps' LoRA term; torch: tensor ops only
+    cpu_attention_kernel: str = "fused"  # fused: loramux's kernel for decode steps' attention; sdpa: torch's only
     adapter_dir: Path = Path("adapters")
     allow_adapter_roots: tuple[Path, ...] = ()
     max_active_adapters: int = 32  # device slots
@@ -56,6 +58,8 @@ class ServerConfig:
             (self.compute_dtype in DTYPES, f"--compute-dtype must be one of {DTYPES}"),
             (self.cpu_4bit_kernel in CPU_4BIT_KERNELS, f"--cpu-4bit-kernel must be one of {CPU_4BIT_KERNELS}"),
             (self.cpu_lora_kernel in CPU_LORA_KERNELS, f"--cpu-lora-kernel must be one of {CPU_LORA_KERNELS}"),
+            (self.cpu_attention_kernel in CPU_ATTENTION_KERNELS,
+             f"--cpu-attention-kernel must be one of {CPU_ATTENTION_KERNELS}"),
             (self.max_active_adapters >= 1, "--max-active-adapters must be at least 1"),
             (1 <= self.max_lora_rank <= 1024, "--max-lora-rank must be in [1, 1024]"),
             (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),

@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicLayer
 
 from loramux.lora.layers import attach_stacked_lora, slot_memory
 from loramux.model import kernels
+from loramux.model.attention import use_decode_kernel
 from loramux.model.calibrate import dense_head_rows, forward_cost_tokens, fused_4bit_rows, lora_costs
 from loramux.model.head import DenseHead
 from loramux.model.quant import lean_4bit
@@ -215,14 +216,14 @@ class Runner:
 
     def __init__(self, model, tokenizer, num_slots: int, max_rank: int,
                  device: torch.device, dtype: torch.dtype, fused_4bit: bool = True,
-                 fused_lora: bool = True) -> None:
+                 fused_lora: bool = True, fused_attention: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.lean = lean_4bit(model, fused_4bit)  # before wrapping: the LoRA layers call the base layers' forward
         # Decode steps' LoRA term in one kernel call per layer where it runs.
-        kernel = kernels.isa() if fused_lora and device.type == "cpu" and dtype == torch.float32 and kernels.load() \
-            else None
+        cpu_kernels = device.type == "cpu" and dtype == torch.float32 and kernels.load()
+        kernel = kernels.isa() if fused_lora and cpu_kernels else None
         self.ctx, self.layers = attach_stacked_lora(model, num_slots, max_rank, dtype, device, kernel)
         if kernel:  # the 4-bit product and the LoRA term in one call, where the base has the kernel
             for layer in self.layers.values():
@@ -234,6 +235,8 @@ class Runner:
             # as a contiguous input (~50 of a ~450 ms prefill of 8 prompts on SmolLM2).
             head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
         self.head = DenseHead(head)  # oneDNN for the head's product where `calibrate` finds it faster
+        # Decode steps' attention in one kernel call per layer (prompts keep SDPA).
+        self.attention_kernel = bool(fused_attention and cpu_kernels and use_decode_kernel(model, kernels.isa()))
         # What one more prefill forward costs, in prompt tokens (`calibrate` measures it):
         # on a CPU a forward's fixed cost is dequantizing every layer and Python; on an
         # accelerator padding costs little and every forward is a train of launches.

@@ -1,8 +1,9 @@
-"""loramux's CPU kernels (`linear_4bit.cpp`): built once per torch version and source,
-cached, and loaded as the ops `torch.ops.loramux.linear_4bit` (the fused 4-bit product) and
-`torch.ops.loramux.lora_rows` (a decode step's LoRA term).
+"""loramux's CPU kernels: built once per torch version and source, cached, and loaded as
+the ops `torch.ops.loramux.linear_4bit` (the fused 4-bit product), `lora_rows` (a decode
+step's LoRA term), `linear_4bit_lora` (both in one call; `linear_4bit.cpp`) and
+`decode_attention` (a decode step's attention; `attention.cpp`).
 
-Built with the system's C++ compiler against the installed torch (about 15 s on 2 cores),
+Built with the system's C++ compiler against the installed torch (about 30 s on 2 cores),
 into the loramux cache (`LORAMUX_CACHE`, else `~/.cache/loramux`), under a name that
 hashes the source, torch's version and the flags: a new torch or a changed kernel builds
 again, the same ones never do. The build writes a temporary file renamed into place when
@@ -31,7 +32,9 @@ from loramux.model.cache import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("linear_4bit.cpp")
+_HERE = Path(__file__).parent
+SOURCES = (_HERE / "linear_4bit.cpp", _HERE / "attention.cpp")
+HEADERS = (_HERE / "common.h",)
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-DNDEBUG"]
 
 
@@ -49,23 +52,26 @@ def _openmp_runtime() -> str:
     return str(bundled[0]) if bundled else "-lgomp"
 
 
-def _commands(obj: Path, out: Path) -> list[list[str]]:
-    """Compile, then link (two steps, so that -fopenmp does not choose the runtime)."""
+def _commands(tmp: Path, out: Path) -> list[list[str]]:
+    """Compile each source, then link (two steps, so that -fopenmp does not choose the runtime)."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
     cxx, abi = os.environ.get("CXX", "c++"), int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    compile_ = [cxx, "-c", *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
-                f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(obj)]
+    objs = [tmp / source.with_suffix(".o").name for source in SOURCES]
+    compiles = [[cxx, "-c", *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in include_paths()),
+                 f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(obj)]
+                for source, obj in zip(SOURCES, objs, strict=True)]
     libs = library_paths()
-    link = [cxx, "-shared", str(obj), "-o", str(out), *(f"-L{p}" for p in libs),
+    link = [cxx, "-shared", *map(str, objs), "-o", str(out), *(f"-L{p}" for p in libs),
             *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu", "-ltorch", _openmp_runtime()]
-    return [compile_, link]
+    return [*compiles, link]
 
 
 def library_path() -> Path:
     """Where the built kernel for this torch and source lives."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(_FLAGS).encode())
-    return default_cache_dir().parent / "kernels" / f"linear_4bit-{digest.hexdigest()[:16]}.so"
+    code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(code + torch.__version__.encode() + " ".join(_FLAGS).encode())
+    return default_cache_dir().parent / "kernels" / f"loramux_kernels-{digest.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
@@ -74,31 +80,32 @@ def build() -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building the fused 4-bit CPU kernel once (about 15 s) into %s", target.parent)
+    log.info("building loramux's CPU kernels once (about 30 s) into %s", target.parent)
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=".linear_4bit-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".loramux_kernels-", dir=target.parent))
     try:
         out = tmp / target.name
-        for command in _commands(tmp / "linear_4bit.o", out):
+        for command in _commands(tmp, out):
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+                raise RuntimeError(f"building the CPU kernels failed:\n{done.stderr[-2000:]}")
         os.replace(out, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("fused 4-bit CPU kernel built in %.0f s", time.perf_counter() - started)
+    log.info("CPU kernels built in %.0f s", time.perf_counter() - started)
     return target
 
 
 @functools.cache
 def load() -> bool:
-    """Make `torch.ops.loramux.linear_4bit` available; False (logged once) where it cannot be."""
+    """Make the `torch.ops.loramux` kernels available; False (logged once) where they cannot be."""
     if isa() is None:
         log.info("no AVX2 on this CPU: 4-bit layers dequantize then matmul")
         return False
     try:
         torch.ops.load_library(str(build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("fused 4-bit CPU kernel unavailable, 4-bit layers dequantize then matmul: %s", exc)
+        log.warning("loramux's CPU kernels unavailable: 4-bit layers dequantize then matmul, attention and the "
+                    "LoRA term run torch's ops: %s", exc)
         return False
     return True

@@ -1,4 +1,4 @@
-"""`python -m loramux.model.kernels`: build the fused 4-bit CPU kernel now (scripts/setup.sh
+"""`python -m loramux.model.kernels`: build loramux's CPU kernels now (scripts/setup.sh
 does, so that no server start waits for the compiler)."""
 
 import logging

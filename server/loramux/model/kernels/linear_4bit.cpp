@@ -15,6 +15,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 #include <omp.h>
+#include "common.h"
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -30,20 +31,8 @@ struct Args {
   int64_t M, N, K, blocksize;
 };
 
-// f(begin, end, thread) over [0, n) split among the calling thread's OpenMP team (torch's
-// own: the library links the runtime torch loads). Not at::parallel_for: its per-thread lazy
-// init, compiled into this library, would reset the caller's team size to the count last set
-// on any thread (1, on a server whose other threads run single-threaded). f must not throw.
-template <class F>
-inline void parallel(int64_t n, const F& f) {
-  if (n <= 1 || omp_in_parallel() || omp_get_max_threads() == 1) return f(0, n, 0);
-#pragma omp parallel
-  {
-    const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();
-    const int64_t chunk = (n + team - 1) / team, begin = std::min(n, id * chunk);
-    f(begin, std::min(n, begin + chunk), id);
-  }
-}
+using loramux::check_isa;
+using loramux::parallel;
 
 // Output rows dequantized together: a tile of W stays in L1/L2 while every row of x uses it.
 inline int64_t tile_rows(int64_t K) { return std::max<int64_t>(4, (8192 / K) / 4 * 4); }
@@ -248,18 +237,8 @@ constexpr int kGroup = 4;
 namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-using Vec = __m256;
-constexpr int kLanes = 8, kMR = 4, kNR = 3;
-inline Vec zero() { return _mm256_setzero_ps(); }
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec bcast(float v) { return _mm256_set1_ps(v); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float hsum(Vec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+using namespace loramux::avx2;
+constexpr int kMR = 4, kNR = 3;
 inline Vec lookup(__m256i c, Vec lo, Vec hi) {
   // Codes 0-7 from lo, 8-15 from hi: bit 3 moved to the sign bit picks the half.
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, c), _mm256_permutevar8x32_ps(hi, c),
@@ -286,14 +265,8 @@ LORAMUX_LORA_BODY
 namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-using Vec = __m512;
-constexpr int kLanes = 16, kMR = 4, kNR = 4;
-inline Vec zero() { return _mm512_setzero_ps(); }
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Vec bcast(float v) { return _mm512_set1_ps(v); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
+using namespace loramux::avx512;
+constexpr int kMR = 4, kNR = 4;
 using Lut = Vec;  // all 16 values in one register
 inline Lut make_lut(const float* code) { return _mm512_loadu_ps(code); }
 inline Lut scaled(const Lut& lut, float scale) { return _mm512_mul_ps(lut, _mm512_set1_ps(scale)); }
@@ -304,13 +277,6 @@ LORAMUX_KERNEL_BODY
 LORAMUX_LORA_BODY
 #pragma GCC pop_options
 }  // namespace avx512
-
-void check_isa(bool wide) {
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  TORCH_CHECK(wide ? has_avx512 : has_avx2, wide ? "this CPU has no AVX-512" : "this CPU has no AVX2/FMA");
-}
 
 // The 4-bit product's arguments, checked; `out` still to be set.
 Args base_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,

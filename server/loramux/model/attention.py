@@ -1,0 +1,78 @@
+"""A decode step's attention through loramux's CPU kernel (`kernels/attention.cpp`).
+
+Registered with transformers as the attention implementation `NAME`: a forward with one
+query position per row, float32 on the CPU, goes to `torch.ops.loramux.decode_attention`,
+which reads each row's keys and values once, in place, for all the query heads that share
+them; anything else (prompts, other devices and dtypes, features the kernel lacks:
+dropout, soft caps, sliding windows, attention sinks, additive masks) goes to transformers'
+own SDPA function, unchanged. Masks are built as for SDPA (boolean, true where a row
+attends).
+
+torch's CPU flash attention is made for many query positions; on decode steps of SmolLM2
+(32 rows, 9 query heads over 3 key/value heads) it took ~0.4 ms a layer at 40 cached
+positions and ~1.4 ms at 370, the kernel ~0.12 and ~0.55 (bench/README.md, stop 23).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+log = logging.getLogger(__name__)
+
+NAME = "loramux_decode"
+_LANES = {"avx512": 16, "avx2": 8}
+_UNSUPPORTED = ("softcap", "sliding_window", "position_bias", "s_aux", "sinks")
+_wide = False  # the kernel build this CPU runs (set by `use_decode_kernel`)
+
+
+def use_decode_kernel(model, isa: str) -> bool:
+    """Make `model` run its decode steps' attention through the kernel (`isa`: "avx512" or
+    "avx2", `kernels.isa()`); False, logged, where the model cannot switch implementation."""
+    global _wide
+    _wide = isa == "avx512"
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, AttributeError) as exc:
+        log.warning("decode attention kernel not used: %s", exc)
+        return False
+    return model.config._attn_implementation == NAME
+
+
+def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: query [B, H, q, D], key and value [B, Hkv, L, D];
+    returns [B, q, H, D]."""
+    if not _fits(query, key, value, attention_mask, dropout, kwargs):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    rows, heads, _, dim = query.shape
+    mask = None if attention_mask is None else attention_mask[:, 0, 0, :].expand(rows, -1)
+    if mask is not None and mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    scale = scaling if scaling is not None else dim ** -0.5
+    out = torch.ops.loramux.decode_attention(query.reshape(rows, heads, dim).contiguous(), key, value,
+                                              mask, scale, _wide)
+    return out.view(rows, 1, heads, dim), None
+
+
+def _fits(query, key, value, mask, dropout: float, kwargs: dict) -> bool:
+    """Whether the kernel computes this call: one query position, float32 CPU tensors with
+    contiguous head vectors, a boolean mask over the keys or none, nothing it lacks."""
+    rows, heads, positions, dim = query.shape
+    return (positions == 1 and query.device.type == "cpu" and dropout == 0.0
+            and query.dtype == key.dtype == value.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+            and key.shape == value.shape and key.shape[0] == rows and key.shape[3] == dim
+            and heads % key.shape[1] == 0 and dim % _LANES["avx512" if _wide else "avx2"] == 0
+            and key.stride(-1) == 1 and value.stride(-1) == 1
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, rows)
+                                  and mask.shape[1:] == (1, 1, key.shape[2])))
+            and all(kwargs.get(name) is None for name in _UNSUPPORTED))
