@@ -54,6 +54,15 @@ def test_kernel_equals_attention_to_rounding(isa, shape, masked, threads):
 
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
+def test_a_rows_result_does_not_depend_on_the_other_rows(isa):
+    q, k, v, mask = inputs(6, 9, 3, 64, 50)
+    whole = torch.ops.loramux.decode_attention(q, k, v, mask, 0.125, isa == "avx512")
+    part = torch.ops.loramux.decode_attention(q[2:4].contiguous(), k[2:4], v[2:4], mask[2:4], 0.125, isa == "avx512")
+    assert torch.equal(whole[2:4], part)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
 def test_a_row_attending_to_nothing_gets_zeros(isa):
     q, k, v, mask = inputs(3, 6, 2, 64, 10)
     mask[1] = False
