@@ -23,10 +23,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from loramux.model.quant import plain_input
+
 log = logging.getLogger(__name__)
 
 NAME = "loramux_decode"
-_LANES = {"avx512": 16, "avx2": 8}
 _UNSUPPORTED = ("softcap", "sliding_window", "position_bias", "s_aux", "sinks")
 _wide = False  # the kernel build this CPU runs (set by `use_decode_kernel`)
 
@@ -68,11 +69,9 @@ def _fits(query, key, value, mask, dropout: float, kwargs: dict) -> bool:
     """Whether the kernel computes this call: one query position, float32 CPU tensors with
     contiguous head vectors, a boolean mask over the keys or none, nothing it lacks."""
     rows, heads, positions, dim = query.shape
-    return (positions == 1 and query.device.type == "cpu" and dropout == 0.0
-            and query.dtype == key.dtype == value.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+    return (positions == 1 and dropout == 0.0 and plain_input(query) and plain_input(key) and plain_input(value)
             and key.shape == value.shape and key.shape[0] == rows and key.shape[3] == dim
-            and heads % key.shape[1] == 0 and dim % _LANES["avx512" if _wide else "avx2"] == 0
+            and heads % key.shape[1] == 0 and dim % (16 if _wide else 8) == 0  # whole vectors of the ISA
             and key.stride(-1) == 1 and value.stride(-1) == 1
             and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] in (1, rows)
                                   and mask.shape[1:] == (1, 1, key.shape[2])))

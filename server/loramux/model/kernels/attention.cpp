@@ -32,9 +32,25 @@ struct AttnArgs {
 
 constexpr int kMaxGroup = 4;  // query heads done together per pass over a key/value head
 
-// The loops, for each ISA's primitives: zero, load, store, bcast, fma, add, sub, mul, max,
-// hsum, vexp (e^x for x <= 0), and kChunk (vectors of a value row held per pass).
+// The loops, for each ISA's primitives (common.h) and its own round_nearest(x), times_pow2(p,
+// n) = p x 2^n, and kChunk (vectors of a value row held per pass).
 #define LORAMUX_ATTENTION_BODY                                                                \
+  /* e^x for x <= 0 as 2^n x p(r), r = x - n ln 2 in two parts, p Cephes' expf polynomial   \
+     (about 1 ulp); x below -87.3 gives e^-87.3 (n >= -126: 2^n stays a normal float),       \
+     which is 0 next to the softmax's largest term, 1. */                                     \
+  inline Vec vexp(Vec x) {                                                                    \
+    x = vmax(x, bcast(-87.3f));                                                               \
+    const Vec n = round_nearest(mul(x, bcast(1.44269504088896341f)));                         \
+    Vec r = fma(n, bcast(-0.693359375f), x);                                                  \
+    r = fma(n, bcast(2.12194440e-4f), r);                                                     \
+    Vec p = bcast(1.9875691500e-4f);                                                          \
+    p = fma(p, r, bcast(1.3981999507e-3f));                                                   \
+    p = fma(p, r, bcast(8.3334519073e-3f));                                                   \
+    p = fma(p, r, bcast(4.1665795894e-2f));                                                   \
+    p = fma(p, r, bcast(1.6666665459e-1f));                                                   \
+    p = fma(p, r, bcast(5.0000001201e-1f));                                                   \
+    return times_pow2(fma(p, mul(r, r), add(r, bcast(1.0f))), n);                             \
+  }                                                                                           \
   /* One (row, kv head) task, query heads g0 .. g0 + G - 1; s: scratch [G][Lp]. */            \
   template <int G>                                                                            \
   void task(const AttnArgs& a, int64_t b, int64_t h, int64_t g0, const int32_t* idx, int64_t n, \
@@ -125,52 +141,26 @@ constexpr int kMaxGroup = 4;  // query heads done together per pass over a key/v
     });                                                                                       \
   }
 
-// e^x for x <= 0 as 2^n x p(r), r = x - n ln 2 in two parts, p Cephes' expf polynomial
-// (about 1 ulp); x below -87.3 gives e^-87.3, which is 0 next to the softmax's largest 1.
-#define LORAMUX_EXP_POLY(mulv, addv, fmav, bc, x, n, out)                                     \
-  {                                                                                           \
-    Vec r_ = fmav(n, bc(-0.693359375f), x);                                                   \
-    r_ = fmav(n, bc(2.12194440e-4f), r_);                                                     \
-    Vec p_ = bc(1.9875691500e-4f);                                                            \
-    p_ = fmav(p_, r_, bc(1.3981999507e-3f));                                                  \
-    p_ = fmav(p_, r_, bc(8.3334519073e-3f));                                                  \
-    p_ = fmav(p_, r_, bc(4.1665795894e-2f));                                                  \
-    p_ = fmav(p_, r_, bc(1.6666665459e-1f));                                                  \
-    p_ = fmav(p_, r_, bc(5.0000001201e-1f));                                                  \
-    out = fmav(p_, mulv(r_, r_), addv(r_, bc(1.0f)));                                         \
-  }
-
 namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+LORAMUX_AVX2_BEGIN
 using namespace loramux::avx2;
 constexpr int kChunk = 2;
-inline Vec vexp(Vec x) {
-  x = _mm256_max_ps(x, bcast(-87.3f));
-  const Vec n = _mm256_round_ps(mul(x, bcast(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  Vec p;
-  LORAMUX_EXP_POLY(mul, add, fma, bcast, x, n, p)
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return mul(p, _mm256_castsi256_ps(e));  // n >= -126: 2^n is a normal float
+inline Vec round_nearest(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec times_pow2(Vec p, Vec n) {  // n an integer in [-126, 127]: its exponent bits
+  return mul(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
 }
 LORAMUX_ATTENTION_BODY
-#pragma GCC pop_options
+LORAMUX_ISA_END
 }  // namespace avx2
 
 namespace avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+LORAMUX_AVX512_BEGIN
 using namespace loramux::avx512;
 constexpr int kChunk = 4;
-inline Vec vexp(Vec x) {
-  x = _mm512_max_ps(x, bcast(-87.3f));
-  const Vec n = _mm512_roundscale_ps(mul(x, bcast(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  Vec p;
-  LORAMUX_EXP_POLY(mul, add, fma, bcast, x, n, p)
-  return _mm512_scalef_ps(p, n);
-}
+inline Vec round_nearest(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec times_pow2(Vec p, Vec n) { return _mm512_scalef_ps(p, n); }
 LORAMUX_ATTENTION_BODY
-#pragma GCC pop_options
+LORAMUX_ISA_END
 }  // namespace avx512
 
 // q [B, H, D] contiguous; k, v [B, Hkv, L, D] with contiguous rows; mask [B, L] bool or None.

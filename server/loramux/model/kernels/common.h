@@ -30,10 +30,16 @@ inline void check_isa(bool wide) {
   TORCH_CHECK(wide ? has_avx512 : has_avx2, wide ? "this CPU has no AVX-512" : "this CPU has no AVX2/FMA");
 }
 
+// Code between LORAMUX_AVX2_BEGIN / LORAMUX_AVX512_BEGIN and LORAMUX_ISA_END is compiled for
+// that ISA (each kernel's loops once per ISA; the caller checks the CPU first: check_isa).
+#define LORAMUX_AVX2_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define LORAMUX_AVX512_BEGIN \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx2,fma\")")
+#define LORAMUX_ISA_END _Pragma("GCC pop_options")
+
 // Each ISA's vector of floats and the operations every kernel uses.
 namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+LORAMUX_AVX2_BEGIN
 using Vec = __m256;
 constexpr int kLanes = 8;
 inline Vec zero() { return _mm256_setzero_ps(); }
@@ -44,17 +50,17 @@ inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline float hsum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-#pragma GCC pop_options
+LORAMUX_ISA_END
 }  // namespace avx2
 
 namespace avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+LORAMUX_AVX512_BEGIN
 using Vec = __m512;
 constexpr int kLanes = 16;
 inline Vec zero() { return _mm512_setzero_ps(); }
@@ -65,8 +71,9 @@ inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
-#pragma GCC pop_options
+LORAMUX_ISA_END
 }  // namespace avx512
 
 }  // namespace loramux

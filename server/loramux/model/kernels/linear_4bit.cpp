@@ -235,8 +235,7 @@ constexpr int kGroup = 4;
   }
 
 namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+LORAMUX_AVX2_BEGIN
 using namespace loramux::avx2;
 constexpr int kMR = 4, kNR = 3;
 inline Vec lookup(__m256i c, Vec lo, Vec hi) {
@@ -259,12 +258,11 @@ inline void put16(__m128i codes, const Lut& lut, float* dst) {
 }
 LORAMUX_KERNEL_BODY
 LORAMUX_LORA_BODY
-#pragma GCC pop_options
+LORAMUX_ISA_END
 }  // namespace avx2
 
 namespace avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+LORAMUX_AVX512_BEGIN
 using namespace loramux::avx512;
 constexpr int kMR = 4, kNR = 4;
 using Lut = Vec;  // all 16 values in one register
@@ -275,7 +273,7 @@ inline void put16(__m128i codes, const Lut& lut, float* dst) {
 }
 LORAMUX_KERNEL_BODY
 LORAMUX_LORA_BODY
-#pragma GCC pop_options
+LORAMUX_ISA_END
 }  // namespace avx512
 
 // The 4-bit product's arguments, checked; `out` still to be set.
