@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from loramux.engine.request import Params, Request
-from loramux.engine.scheduler import Scheduler
+from loramux.engine.scheduler import Pacer, Scheduler
 
 
 @pytest.fixture
@@ -143,3 +143,33 @@ def test_prefill_token_budget(loop):
     assert names(s.pick(10, Counter(), 4, max_tokens=256)) == ["p40", "p100"]  # 3 x 100 > 256
     assert names(s.pick(10, Counter(), 4, max_tokens=256)) == ["p10"]  # 2 x 300 > 256
     assert names(s.pick(10, Counter(), 4, max_tokens=256)) == ["p300"]  # alone, whatever its length
+
+
+def test_pacer_gives_the_cap_until_it_has_measured_both_costs():
+    pacer = Pacer(512, fixed_tokens=10)
+    assert pacer.budget() == 512
+    pacer.stepped(0.12)
+    assert pacer.budget() == 512
+    pacer.prefilled(40, 0.1)  # 2 ms a token, the fixed cost counted as 10 more tokens
+    assert pacer.budget() == 60  # one 0.12 s step's worth
+    assert Pacer(None, fixed_tokens=10).budget() is None
+
+
+def test_pacer_budget_follows_the_measured_costs_within_bounds():
+    pacer = Pacer(512, fixed_tokens=0, weight=1.0)
+    pacer.stepped(0.01)
+    pacer.prefilled(100, 1.0)  # a step is cheaper than one token: still one prompt per turn
+    assert pacer.budget() == 1
+    pacer.stepped(10.0)  # an accelerator-like ratio: the cap holds
+    assert pacer.budget() == 512
+    pacer.prefilled(0, 5.0)  # nothing computed (a failed prefill): not a measurement
+    assert pacer.token_s == pytest.approx(0.01)
+
+
+def test_pacer_averages_rather_than_jumps():
+    pacer = Pacer(1000, fixed_tokens=0, weight=0.5)
+    pacer.stepped(0.1)
+    pacer.prefilled(100, 0.1)
+    pacer.stepped(0.3)
+    assert pacer.step_s == pytest.approx(0.2)
+    assert pacer.budget() == 200

@@ -1,11 +1,11 @@
 """The step loop: admit, prefill, decode, stream, on one worker thread.
 
-Each turn of the loop admits waiting requests into free rows (at most
-`--max-prefill-tokens` of prompt per turn while rows are decoding; every waiting prompt
-when none is), prefills them together, streams their first
-tokens and merges them into the running batch, then decodes one token for every row:
-continuous batching. Prefill goes first, so a wave of requests fills the batch within a
-few turns and every decode step runs as many rows as there are requests (on a 2-core CPU,
+Each turn of the loop admits waiting requests into free rows (while rows are decoding,
+about one decode step's worth of prompt per turn, at least one prompt and at most
+`--max-prefill-tokens`: `Pacer`; every waiting prompt when none is), prefills them
+together, streams their first tokens and merges them into the running batch, then
+decodes one token for every row: continuous batching. Prefill goes first, so every
+decode step runs as many rows as have been admitted (on a 2-core CPU,
 one thread on both cores gave half the TTFT and 31.5 rows per step where a prefill thread
 beside a decode thread, a core each, gave 27; bench/README.md). When more adapters have
 work than there are slots, the loop also time-slices the slots between steps
@@ -30,7 +30,7 @@ from pathlib import Path
 from loramux import faults
 from loramux.engine.constraints import MaskPipeline
 from loramux.engine.request import Completion, Constraint, Event, Finish, Outbox, Params, Request, TokenLogprob
-from loramux.engine.scheduler import Scheduler
+from loramux.engine.scheduler import Pacer, Scheduler
 from loramux.engine.stream import TextStream
 from loramux.errors import (
     DeadlineExceeded,
@@ -93,6 +93,7 @@ class Engine:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.pacer = Pacer(max_prefill_tokens, runner.forward_cost_tokens)  # a turn's prefill while rows decode
         self.max_model_len = min(max_model_len or runner.max_len, runner.max_len)
         # Submit tokenizes on the event loop: text longer than this many characters cannot
         # fit in max_model_len tokens, so it is refused before the tokenizer spends seconds on it.
@@ -323,6 +324,11 @@ class Engine:
         self.rows += rows
 
     def _decode(self) -> None:
+        started = time.perf_counter()
+        self._decode_step()
+        self.pacer.stepped(time.perf_counter() - started)
+
+    def _decode_step(self) -> None:
         self.metrics.batch_size.observe(len(self.rows))
         self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in self.rows if r.req.adapter_id}))
         try:
@@ -352,10 +358,10 @@ class Engine:
         with self._lock:
             gone = self.scheduler.remove_where(lambda r: r.cancelled or r.expired(now))
             free = self.max_batch_size - self._admitted.total()
-            # The prompt budget protects running rows from a long stall; with none running,
-            # every waiting prompt is prefilled now (a wave of arrivals gets its first tokens
-            # one prefill part after another, not one turn of 512 tokens after another).
-            budget = self.max_prefill_tokens if self.rows or self._prefilled else None
+            # While rows decode, a turn prefills about one decode step's worth (`Pacer`); with
+            # none running, every waiting prompt is prefilled now (a wave of arrivals gets its
+            # first tokens one prefill part after another, not one turn after another).
+            budget = self.pacer.budget() if self.rows or self._prefilled else None
             picked = (self.scheduler.pick(free, self._admitted - self._parked_rows, self.slots.num_slots,
                                           budget, parked=self._parked, now=now, held=self._held,
                                           cost=self._uncached if self.prefix else None)
@@ -440,11 +446,14 @@ class Engine:
         started = time.perf_counter()
         out = self._prefill_step(rows, lambda: self.runner.prefill([r.req.prompt_ids for r in rows],
                                                                    [r.slot for r in rows], [r.past for r in rows]))
+        seconds, widest = time.perf_counter() - started, max(len(r.req.prompt_ids) - r.hit for r in rows)
+        if out is not None:
+            self.pacer.prefilled(len(rows) * widest, seconds)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("prefill: %d rows of %d adapters, %d tokens, %d cached, widest %d computed, %.0f ms",
-                      len(rows), len({r.req.adapter_id for r in rows}), sum(len(r.req.prompt_ids) for r in rows),
-                      sum(r.hit for r in rows), max(len(r.req.prompt_ids) - r.hit for r in rows),
-                      1e3 * (time.perf_counter() - started))
+            log.debug("prefill: %d rows of %d adapters, %d tokens, %d cached, widest %d computed, %.0f ms; "
+                      "turn budget %s tokens", len(rows), len({r.req.adapter_id for r in rows}),
+                      sum(len(r.req.prompt_ids) for r in rows), sum(r.hit for r in rows), widest, 1e3 * seconds,
+                      self.pacer.budget())
         for row in rows:
             row.past = None  # copied into the group: the cache may evict it now
         if out is not None:

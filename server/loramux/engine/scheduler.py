@@ -132,3 +132,48 @@ class Scheduler:
             self._queues[adapter_id] = queue
         else:
             self._queues.pop(adapter_id, None)
+
+
+class Pacer:
+    """Owns the running estimates that size a turn's prefill while rows are decoding.
+
+    A turn prefills up to the tokens that cost about as much as one decode step, at least
+    one prompt: with a decode step d cheaper than a prompt's prefill, admitting a wave of
+    waiting prompts one turn's worth at a time gives lower mean time to first token than
+    prefilling them all together (the k-th waits ~k turns instead of the whole wave's
+    prefill) and keeps running rows' time per token within ~2 d. It also stops a wave of
+    requests that arrived together from being admitted, answered and resent together: on
+    SmolLM2 on 2 cores a fixed 512-token turn kept 32 clients in waves of ~10 whose p50
+    TTFT was 674 ms; ~one step's worth, 184 ms (bench/README.md, issue 16).
+
+    Costs are measured as the engine runs (this VM's speed drifts, and an accelerator's
+    steps cost another ratio entirely): exponential averages of a decode step's seconds and
+    of a prefill's seconds per token, a prefill's fixed cost counted as `fixed_tokens`
+    more tokens, so that the small prefills this pacing makes do not inflate the per-token
+    estimate where a forward's fixed cost dominates (an accelerator).
+    """
+
+    def __init__(self, cap: int | None, fixed_tokens: float, weight: float = 0.2) -> None:
+        self.cap = cap  # --max-prefill-tokens: never more per prefill (None: no bound, no pacing)
+        self.fixed_tokens = fixed_tokens
+        self.weight = weight
+        self.step_s: float | None = None
+        self.token_s: float | None = None
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.weight * (new - old)
+
+    def stepped(self, seconds: float) -> None:
+        """A decode step took `seconds`."""
+        self.step_s = self._mix(self.step_s, seconds)
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        """A prefill computed `tokens` (rows x widest) in `seconds`."""
+        if tokens > 0:
+            self.token_s = self._mix(self.token_s, seconds / (tokens + self.fixed_tokens))
+
+    def budget(self) -> int | None:
+        """Prompt tokens (rows x widest) for this turn's prefill while rows decode."""
+        if self.cap is None or self.step_s is None or self.token_s is None:
+            return self.cap
+        return max(1, min(self.cap, int(self.step_s / self.token_s)))
