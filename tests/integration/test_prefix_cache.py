@@ -58,9 +58,10 @@ def test_shared_prefixes_match_peft_with_the_cache_on_and_off(cached, uncached, 
         assert list(a.token_ids) == expected, (adapter_id, prompt)
         assert list(b.token_ids) == expected, (adapter_id, prompt)
         assert b.cached_prompt_tokens == 0
-        # The prefix was prefilled by the warm-up (same adapter) or by an earlier request.
-        assert a.cached_prompt_tokens >= BLOCK * (len(PREFIXES[0]) // BLOCK - 1), (adapter_id, prompt)
-        assert a.cached_prompt_tokens % BLOCK == 0 and a.cached_prompt_tokens < a.prompt_tokens
+        # The warm-up prefilled the whole prefix for this adapter: its end, mid-block, is
+        # served from the start of the block of another question after it.
+        prefix = next(p for p in PREFIXES if prompt.startswith(p))
+        assert len(prefix.encode()) <= a.cached_prompt_tokens < a.prompt_tokens, (adapter_id, prompt)
     assert all(r.cached_prompt_tokens < r.prompt_tokens for r in first)
     # In the warm-up burst, requests that share an adapter and a prefix computed it once:
     # the first prefilled, the others waited for it and took it from the cache.

@@ -32,10 +32,10 @@ def test_longest_prefix_in_its_namespace_only():
     prompt = list(range(100, 150))  # 3 full blocks and 2 tokens
     put(cache, "w1", prompt)
     assert served(cache, "w1", prompt) == prompt[:48]
-    assert served(cache, "w1", prompt[:40] + [7] * 20) == prompt[:32]  # diverges in block 3
+    assert served(cache, "w1", prompt[:40] + [7] * 20) == prompt[:40]  # diverges in block 3, 8 tokens in
     assert served(cache, "w1", [1] + prompt[1:]) == []  # diverges in block 1: nothing after it counts
     assert served(cache, "w2", prompt) == [] and served(cache, "base", prompt) == []
-    assert served(cache, "w1", prompt[:48]) == prompt[:32]  # the last token is always prefilled
+    assert served(cache, "w1", prompt[:48]) == prompt[:47]  # the last token is always prefilled
     assert cache.peek("w1", prompt) == 48 and cache.peek("w2", prompt) == 0
 
 
@@ -67,3 +67,31 @@ def test_a_block_larger_than_the_cache_is_not_kept():
     cache = PrefixCache(BLOCK_BYTES - 1, Metrics())
     put(cache, "w", list(range(40)))
     assert cache.nbytes == 0 and served(cache, "w", list(range(40))) == []
+
+
+def test_a_block_s_start_is_served_from_the_sibling_sharing_the_most():
+    cache = PrefixCache(1 << 20, Metrics())
+    system = list(range(100, 137))  # 2 blocks and 5 tokens: a prompt that ends mid-block
+    put(cache, "w", system + [1, 2, 3] + [9] * 20)
+    put(cache, "w", system + [1, 2, 4] + [8] * 20)
+    ask = system + [1, 2, 3, 5] + [6] * 10
+    assert served(cache, "w", ask) == ask[:40]  # the first sibling shares 8 tokens of block 2
+    assert cache.peek("w", ask) == 40
+    assert served(cache, "w", system + [7] * 10) == system  # both share the 5
+    assert served(cache, "w", system[:34]) == system[:33]  # never the last token
+    assert served(cache, "w2", ask) == []  # parts are per namespace too
+    assert served(cache, "w", [5] + system) == []  # the first token differs: nothing
+    assert served(cache, "w", system[:10] + [5] * 10) == []  # a part alone, without a whole block: not served
+
+
+def test_parts_follow_eviction_and_forget():
+    metrics = Metrics()
+    cache = PrefixCache(3 * BLOCK_BYTES, metrics)
+    a = list(range(16)) + list(range(50, 66))
+    put(cache, "w", a, owner="x")  # 2 blocks
+    put(cache, "w", list(range(16)) + [7] * 16, owner="x")  # a sibling of a's block 1
+    assert metrics.prefix_cache_evictions._value.get() == 0
+    put(cache, "w", [3] * 32, owner="x")  # 2 more blocks: the two least recent (leaves) go
+    assert served(cache, "w", list(range(16)) + [50, 51, 0]) == list(range(16))
+    cache.forget("x")
+    assert served(cache, "w", [3] * 20) == [] and cache.nbytes == 0
