@@ -67,8 +67,9 @@ def _serve_parser(sub) -> None:
     _add(p, "--torch-threads", int, 0, "torch threads of the engine thread; 0: torch's default (every "
          "usable core on CPU)")
     _add(p, "--max-queue", int, 256, "waiting requests before RESOURCE_EXHAUSTED")
-    _add(p, "--max-prefill-tokens", int, 512, "tokens (rows x longest prompt) prefilled together; "
-         "smaller starts the first rows of a burst sooner, larger spends less per token")
+    _add(p, "--max-prefill-tokens", int, 512, "most tokens (rows x longest prompt) prefilled together, "
+         "and the piece size of a longer prompt; while rows decode, a turn prefills about one decode "
+         "step's worth (measured), at least one prompt")
     _add(p, "--max-slot-wait", float, 0.02, "seconds an adapter's requests may wait for a device slot "
          "before a running adapter is parked (its rows leave the batch, KV kept) to give it one")
     _add(p, "--min-slot-turn", float, 1.5, "seconds a running adapter keeps its slot before it may be "
