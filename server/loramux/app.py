@@ -72,7 +72,7 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     return Engine(runner, store, slots, metrics, cfg.max_batch_size, cfg.max_queue, cfg.max_model_len,
                   registry_path=cfg.adapter_dir / registry_file.FILE_NAME, log_requests=cfg.log_requests,
                   max_slot_wait=cfg.max_slot_wait, min_turn=cfg.min_slot_turn,
-                  max_prefill_tokens=cfg.max_prefill_tokens,
+                  max_prefill_tokens=cfg.max_prefill_tokens, mixed_steps=cfg.mixed_steps == "on",
                   torch_threads=cfg.torch_threads, prefix=PrefixCache(prefix_bytes, metrics) if prefix_bytes else None)
 
 

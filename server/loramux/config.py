@@ -10,6 +10,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_4BIT_KERNELS = ("fused", "dequantize")
 CPU_LORA_KERNELS = ("fused", "torch")
 CPU_ATTENTION_KERNELS = ("fused", "sdpa")
+MIXED_STEPS = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ServerConfig:
     torch_threads: int = 0  # of the engine thread; 0: torch's default (every usable core on CPU)
     max_queue: int = 256
     max_prefill_tokens: int = 512  # one prefill's rows x longest prompt (one long prompt always fits)
+    mixed_steps: str = "on"  # on: prompts admitted while rows decode are computed in the decode step's forward
     max_slot_wait: float = 0.02  # seconds an adapter waits for a slot before a running one is parked for it
     min_slot_turn: float = 1.5  # seconds a running adapter keeps its slot before it can be parked
     max_new_tokens_limit: int = 1024
@@ -58,6 +60,7 @@ class ServerConfig:
             (self.compute_dtype in DTYPES, f"--compute-dtype must be one of {DTYPES}"),
             (self.cpu_4bit_kernel in CPU_4BIT_KERNELS, f"--cpu-4bit-kernel must be one of {CPU_4BIT_KERNELS}"),
             (self.cpu_lora_kernel in CPU_LORA_KERNELS, f"--cpu-lora-kernel must be one of {CPU_LORA_KERNELS}"),
+            (self.mixed_steps in MIXED_STEPS, f"--mixed-steps must be one of {MIXED_STEPS}"),
             (self.cpu_attention_kernel in CPU_ATTENTION_KERNELS,
              f"--cpu-attention-kernel must be one of {CPU_ATTENTION_KERNELS}"),
             (self.max_active_adapters >= 1, "--max-active-adapters must be at least 1"),

@@ -212,3 +212,34 @@ def test_a_prompt_prefilled_in_pieces_goes_on_as_if_whole(runner):
     for _ in range(3):
         tokens.append(int(runner.decode(batch, tokens[-1:]).argmax(-1)))
     assert tokens == whole
+
+
+def test_prompts_prefilled_inside_decode_steps_go_on_as_alone(runner):
+    """Rows that join through `decode_mixed` (their prompts computed in a decode step's
+    forward, one of them after a cached prefix) give the tokens and logits of the row run
+    alone, and so do the rows decoding beside them."""
+    assert runner.mixes
+    plan = {name: (ids(runner, text), n, step) for name, (text, n, step) in PROMPTS.items()}
+    want = {name: alone(runner, prompt, n) for name, (prompt, n, _) in plan.items()}
+    logits, group = runner.prefill([plan["a"][0]], [-1])
+    batch, rows, got = merge(None, group), ["a"], {name: ([], []) for name in plan}
+    record(got, ["a"], logits)
+    for step in range(1, 40):
+        joining = [n for n, entry in plan.items() if entry[2] == step]  # none at most steps: a plain step
+        pasts = []
+        for name in joining:  # "d" takes its first 5 tokens from a "cache": its own earlier prefill
+            prompt = plan[name][0]
+            _, own = runner.prefill([prompt], [-1])
+            pasts.append(runner.row_kv(own, 0, len(prompt))(0, 5) if name == "d" else None)
+        logits, first, groups = runner.decode_mixed(batch, [got[n][0][-1] for n in rows],
+                                                    [plan[n][0] for n in joining], [-1] * len(joining), pasts)
+        record(got, rows, logits)
+        record(got, joining, first)
+        for g in groups:
+            batch = merge(batch, g)
+        rows += joining
+        done = {i for i, name in enumerate(rows) if len(got[name][0]) >= plan[name][1]}
+        if len(done) == len(rows):
+            break
+        rows = [rows[i] for i in batch.remove(done)] if done else rows
+    assert_as_alone(got, want)

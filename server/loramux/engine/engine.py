@@ -83,7 +83,8 @@ class Engine:
                  max_batch_size: int, max_queue: int, max_model_len: int | None,
                  registry_path: Path | None = None, log_requests: bool = False,
                  max_slot_wait: float = 0.02, max_prefill_tokens: int | None = None,
-                 torch_threads: int = 0, min_turn: float = 1.5, prefix: PrefixCache | None = None) -> None:
+                 torch_threads: int = 0, min_turn: float = 1.5, prefix: PrefixCache | None = None,
+                 mixed_steps: bool = True) -> None:
         self.log_requests = log_requests
         self.registry_path = registry_path  # where RPC registrations persist across restarts
         self.runner = runner
@@ -114,6 +115,10 @@ class Engine:
         # running rows get a decode step between them: (its row, its KV so far).
         self._piece = max_prefill_tokens or 512
         self._partial: tuple[Row, Group | None] | None = None
+        # Rows admitted while others decode, whose prompts the next decode step computes in
+        # its own forward (`Runner.decode_mixed`) instead of a prefill forward of their own.
+        self._mixed_steps = mixed_steps and runner.mixes
+        self._riders: list[Row] = []
         self._wake = threading.Event()  # new work (a request, a cancel, a freed slot)
         self._stop = False
         self._torch_threads = torch_threads  # torch's team size is per thread: the worker sets its own
@@ -285,6 +290,9 @@ class Engine:
                 self._rotate()
                 if self.rows:
                     self._decode()
+                elif self._riders:  # the rows they were to ride with are gone: prefill them
+                    riders, self._riders = self._riders, []
+                    self._prefill_waves(riders)
             except Exception as exc:  # never let the loop die
                 log.exception("engine step failed")
                 self._abandon_rows(exc)
@@ -324,20 +332,43 @@ class Engine:
         self.rows += rows
 
     def _decode(self) -> None:
+        riders = self._board()
+        cached, rows = sum(r.hit for r in riders), len(self.rows)
+        tokens = sum(len(r.req.prompt_ids) for r in riders) - cached
         started = time.perf_counter()
-        self._decode_step()
-        self.pacer.stepped(time.perf_counter() - started)
+        self._decode_step(riders)
+        seconds = time.perf_counter() - started
+        if not riders:
+            self.pacer.stepped(seconds)
+            return
+        self.pacer.rode(tokens, seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("decode step of %d rows with %d prompts: %d tokens, %d cached, %.0f ms; turn budget %s tokens",
+                      rows, len(riders), tokens, cached, 1e3 * seconds, self.pacer.budget())
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, riders: list[Row]) -> None:
+        """One token for every running row; `riders`' prompts computed in the same forward."""
         self.metrics.batch_size.observe(len(self.rows))
         self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in self.rows if r.req.adapter_id}))
         try:
-            logits = self.runner.decode(self.batch, [r.req.generated[-1] for r in self.rows])
+            last = [r.req.generated[-1] for r in self.rows]
+            if riders:
+                logits, first, groups = self.runner.decode_mixed(
+                    self.batch, last, [r.req.prompt_ids for r in riders], [r.slot for r in riders],
+                    [r.past for r in riders])
+            else:
+                logits = self.runner.decode(self.batch, last)
             tokens, logprobs = self._sample(self.rows, logits)
         except Exception as exc:
             log.exception("decode step failed")
             self._fail_rows(dict.fromkeys(range(len(self.rows)), Internal(f"model step failed: {exc}")))
+            self._fail_prefilled(riders, exc)
             return
+        for row in riders:
+            row.past = None
+        for i, (row, group) in enumerate(zip(riders, groups if riders else [], strict=True)):
+            self._remember([row], group)
+            self._first_tokens([row], first[i:i + 1], group)
         now, outbox = time.monotonic(), Outbox()
         try:
             finished = [i for i, (row, token, lp) in enumerate(zip(self.rows, tokens, logprobs, strict=True))
@@ -374,10 +405,33 @@ class Engine:
         for req in gone:
             self._fail(req, DeadlineExceeded("deadline passed while queued") if req.expired(now) else None)
         rows = [row for row in (self._start_row(req) for req in picked) if row is not None]
+        if self._mixed_steps and self.rows:  # short prompts ride the next decode step
+            rides = [self._uncached(r.req) <= self._piece and not r.req.inject_fault for r in rows]
+            self._riders += [r for r, ride in zip(rows, rides, strict=True) if ride]
+            rows = [r for r, ride in zip(rows, rides, strict=True) if not ride]
+        self._prefill_waves(rows)
+        return bool(picked)
+
+    def _prefill_waves(self, rows: list[Row]) -> None:
         for wave in self._waves(rows):
             self._look_up(wave)
             self._prefill_parts(wave)
-        return bool(picked)
+
+    def _board(self) -> list[Row]:
+        """The riders of this decode step: the first wave of those waiting (`_waves`: the rest
+        wait for it to be cached), their cached prefixes looked up; cancelled ones end here."""
+        now, live = time.monotonic(), []
+        for row in self._riders:
+            if row.req.cancelled or row.req.expired(now):
+                self._release(row)
+                self._fail(row.req, None if row.req.cancelled else DeadlineExceeded("deadline passed while queued"))
+            else:
+                live.append(row)
+        waves = self._waves(live)
+        board = waves[0] if waves else []
+        self._riders = waves[1] if len(waves) > 1 else []
+        self._look_up(board)
+        return board
 
     def _prefill_parts(self, rows: list[Row]) -> None:
         """Prefill rows in parts of similar length (what each computes, after its cached prefix)."""
@@ -420,6 +474,8 @@ class Engine:
     def _uncached(self, req: Request) -> int:
         """Prompt tokens a request's prefill would compute now: those the prefix cache lacks for
         the weights its adapter has in a slot (all of them if it has none)."""
+        if self.prefix is None:
+            return len(req.prompt_ids)
         namespace = self.slots.resident_identity(req.adapter_id) if req.adapter_id else BASE
         return len(req.prompt_ids) - (self.prefix.peek(namespace, req.prompt_ids) if namespace else 0)
 

@@ -172,6 +172,12 @@ class Pacer:
         if tokens > 0:
             self.token_s = self._mix(self.token_s, seconds / (tokens + self.fixed_tokens))
 
+    def rode(self, tokens: int, seconds: float) -> None:
+        """A decode step that also computed `tokens` prompt tokens took `seconds`: what it took
+        beyond a decode step is theirs (no forward's fixed cost: the step paid it)."""
+        if tokens > 0 and self.step_s is not None:
+            self.token_s = self._mix(self.token_s, max(seconds - self.step_s, 1e-6) / tokens)
+
     def budget(self) -> int | None:
         """Prompt tokens (rows x widest) for this turn's prefill while rows decode."""
         if self.cap is None or self.step_s is None or self.token_s is None:

@@ -99,15 +99,20 @@ class RowSlots(threading.local):
         self._rows: list[int] = []
         self._device = torch.device("cpu")
         self._plan: tuple[int, Plan] | None = None  # (tokens per row, plan) of this forward
+        self._per_token = False
 
-    def set(self, row_slots: list[int], device: torch.device) -> None:
-        """`row_slots[i]` is row i's slot, or -1 for the bare base (whose LoRA term is 0)."""
+    def set(self, row_slots: list[int], device: torch.device, per_token: bool = False) -> None:
+        """`row_slots[i]` is row i's slot, or -1 for the bare base (whose LoRA term is 0);
+        `per_token`: the forward's tokens are one sequence and `row_slots` has one per token
+        (a mixed forward: decode rows and prompts flattened), planned as rows of one token."""
         self._rows, self._device, self._plan = list(row_slots), device, None
+        self._per_token = per_token
         self.used = sorted({s for s in row_slots if s >= 0})
         self.active = bool(self.used)
 
     def plan(self, t: int) -> Plan:
         """This forward's plan for rows of `t` tokens each (made by the first layer)."""
+        t = 1 if self._per_token else t
         if self._plan is None or self._plan[0] != t:
             self._plan = (t, self._make_plan(t))
         return self._plan[1]

@@ -23,6 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from loramux.model import mixed
 from loramux.model.quant import plain_input
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,17 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
               **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: query [B, H, q, D], key and value [B, Hkv, L, D];
-    returns [B, q, H, D]."""
+    returns [B, q, H, D]. In a mixed forward (`mixed`), each request's tokens attend over
+    their own keys and values, through this function again."""
+    layer = mixed.current()
+    if layer is not None:
+        return layer.attend(module, query, scaling, _attend, dropout=dropout, **kwargs)
+    return _attend(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def _attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+            **kwargs) -> tuple[torch.Tensor, None]:
     if not _fits(query, key, value, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

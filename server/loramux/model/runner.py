@@ -19,7 +19,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from loramux.lora.layers import attach_stacked_lora, slot_memory
-from loramux.model import kernels
+from loramux.model import kernels, mixed
+from loramux.model.attention import NAME as ATTENTION
 from loramux.model.attention import use_decode_kernel
 from loramux.model.calibrate import dense_head_rows, forward_cost_tokens, fused_4bit_rows, lora_costs
 from loramux.model.head import DenseHead
@@ -362,6 +363,54 @@ class Runner:
         logits = self._forward(ids, mask, positions, batch.cache, batch.slots)
         batch.stepped()
         return logits
+
+    @property
+    def mixes(self) -> bool:
+        """Whether `decode_mixed` runs here: it needs loramux's attention function."""
+        return self.model.config._attn_implementation == ATTENTION
+
+    @torch.inference_mode()
+    def decode_mixed(self, batch: Batch, tokens: list[int], prompts: list[list[int]], slots: list[int],
+                     pasts: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor, list[Group]]:
+        """A decode step (`decode`) that also prefills `prompts` (after the cached `pasts`, as
+        `prefill`) in the same forward (`mixed`): the rows' logits [B, vocab], the prompts'
+        last-position logits [k, vocab] and a one-row group per prompt, to join the batch."""
+        n = batch.size
+        mask = batch.step_mask().bool()
+        ids, pos, token_slots = list(tokens), list(batch.next_pos), list(batch.slots)
+        kvs, riders, keep = [], [], list(range(n))
+        layer0 = batch.cache.layers[0].buf_k
+        for p, slot, past in zip(prompts, slots, pasts, strict=True):
+            hit = 0 if past is None else past.shape[3]
+            kv = torch.empty(len(batch.cache.layers), 2, 1, layer0.shape[1], len(p), layer0.shape[3],
+                             dtype=layer0.dtype, device=layer0.device)
+            if hit:
+                kv[:, :, 0, :, :hit] = past
+            riders.append((kv, hit, len(ids)))
+            ids += p[hit:]
+            pos += range(hit, len(p))
+            token_slots += [slot] * (len(p) - hit)
+            keep.append(len(ids) - 1)
+            kvs.append(kv)
+        cache = DynamicCache()
+        cache.layers = [mixed.MixedLayer(layer, mask, [mixed.Rider(kv[i, 0], kv[i, 1], hit, start)
+                                                       for kv, hit, start in riders])
+                        for i, layer in enumerate(batch.cache.layers)]
+        self.ctx.set(token_slots, self.device, per_token=True)
+        try:
+            out = self.model(input_ids=torch.tensor([ids], device=self.device),
+                             attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),
+                             position_ids=torch.tensor([pos], device=self.device), past_key_values=cache,
+                             use_cache=True, logits_to_keep=torch.tensor(keep, device=self.device))
+        finally:
+            self.ctx.set([], self.device)
+            mixed.done()
+        batch.stepped()
+        logits = out.logits[0]
+        groups = [Group([(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])],
+                        torch.ones((1, len(p)), dtype=torch.long, device=self.device), [len(p)], [slot])
+                  for kv, p, slot in zip(kvs, prompts, slots, strict=True)]
+        return logits[:n], logits[n:], groups
 
     @torch.inference_mode()
     def score(self, past: torch.Tensor, last_logits: torch.Tensor, slot: int,
