@@ -46,6 +46,8 @@ class Metrics:
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", _LATENCY)
         self.tpot = histogram("time_per_output_token_seconds", "Mean time between a request's tokens", _TOKEN)
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests")
+        self.mixed_prompt_tokens = counter("mixed_prompt_tokens", "Prompt tokens computed inside decode steps "
+                                           "(--mixed-steps), not in prefill forwards of their own")
         self.generated_tokens = counter("generated_tokens", "Generated tokens")
         self.batch_size = histogram("batch_size", "Rows per decode step", _SIZE)
         self.batch_adapters = histogram("batch_adapters", "Distinct adapters per decode step", _SIZE)

@@ -45,6 +45,26 @@ def test_mixed_batch_matches_peft(server, reference, adapter_store):
     assert m["loramux_batch_size_sum"] / m["loramux_batch_size_count"] > 2.0
 
 
+def test_prompts_computed_inside_decode_steps_match_peft(server, reference):
+    """Requests that arrive while a row decodes have their prompts computed inside its decode
+    steps (--mixed-steps on, the default): their answers and the running row's are PEFT's."""
+    before = server.metrics().get("loramux_mixed_prompt_tokens_total", 0)
+    jobs = [(a, p) for a, p in zip(("r4-qv", "", "r16-all", "r64-mlp"), PROMPTS, strict=False)]
+    with server.client() as client, ThreadPoolExecutor(len(jobs)) as pool:
+        # ignore_eos: it decodes all 160 steps (a random adapter may stop early)
+        stream = client.stream(PROMPTS[3], "r16-all", max_new_tokens=160, ignore_eos=True)
+        running = [next(stream)]  # its first token: it decodes now
+        late = [pool.submit(client.generate, p, a, max_new_tokens=12) for a, p in jobs]
+        running += list(stream)
+        answers = [f.result() for f in late]
+    alone = reference.generate("r16-all", PROMPTS[3], 160)  # up to its first EOS
+    assert [t for r in running for t in r.token_ids][:len(alone)] == alone
+    for (adapter_id, prompt), answer in zip(jobs, answers, strict=True):
+        assert list(answer.token_ids) == reference.generate(adapter_id, prompt, 12), (adapter_id, prompt)
+    uncached = sum(a.prompt_tokens - a.cached_prompt_tokens for a in answers)  # the prefix cache has the rest
+    assert server.metrics()["loramux_mixed_prompt_tokens_total"] - before >= uncached > 0
+
+
 def test_long_prompts_in_pieces_match_peft_and_others_go_on(tmp_path, adapter_store, reference):
     """A prompt longer than --max-prefill-tokens is prefilled a piece per engine turn, with
     decode steps of the running rows between the pieces; its answer is still PEFT's."""

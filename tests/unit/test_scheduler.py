@@ -173,3 +173,15 @@ def test_pacer_averages_rather_than_jumps():
     pacer.stepped(0.3)
     assert pacer.step_s == pytest.approx(0.2)
     assert pacer.budget() == 200
+
+
+def test_pacer_charges_a_mixed_step_beyond_a_decode_step_to_its_prompt_tokens():
+    pacer = Pacer(512, fixed_tokens=10, weight=1.0)
+    pacer.rode(34, 0.3)  # no decode step measured yet: nothing to subtract from
+    assert pacer.token_s is None
+    pacer.stepped(0.12)
+    pacer.rode(40, 0.2)  # ~0.08 s beyond a step for 40 tokens: 2 ms a token, no fixed cost
+    assert pacer.token_s == pytest.approx(0.002)
+    assert pacer.budget() in (59, 60)  # 0.12 / 0.002, give or take float rounding
+    pacer.rode(40, 0.1)  # faster than a plain step (noise): a floor, never zero or negative
+    assert 0 < pacer.token_s < 1e-6 and pacer.budget() == 512

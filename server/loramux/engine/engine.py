@@ -4,7 +4,9 @@ Each turn of the loop admits waiting requests into free rows (while rows are dec
 about one decode step's worth of prompt per turn, at least one prompt and at most
 `--max-prefill-tokens`: `Pacer`; every waiting prompt when none is), prefills them
 together, streams their first tokens and merges them into the running batch, then
-decodes one token for every row: continuous batching. Prefill goes first, so every
+decodes one token for every row: continuous batching. While rows decode, the prompts
+admitted (up to a piece each) are not prefilled apart: the next decode step computes them
+in its own forward (`Runner.decode_mixed`, `--mixed-steps`), and they join after it. Prefill goes first, so every
 decode step runs as many rows as have been admitted (on a 2-core CPU,
 one thread on both cores gave half the TTFT and 31.5 rows per step where a prefill thread
 beside a decode thread, a core each, gave 27; bench/README.md). When more adapters have
@@ -118,6 +120,9 @@ class Engine:
         # Rows admitted while others decode, whose prompts the next decode step computes in
         # its own forward (`Runner.decode_mixed`) instead of a prefill forward of their own.
         self._mixed_steps = mixed_steps and runner.mixes
+        if mixed_steps and not runner.mixes:
+            log.info("mixed steps off: they need loramux's attention function (a CPU with float32 compute and "
+                     "--cpu-attention-kernel fused); prompts are prefilled between decode steps")
         self._riders: list[Row] = []
         self._wake = threading.Event()  # new work (a request, a cancel, a freed slot)
         self._stop = False
@@ -342,6 +347,7 @@ class Engine:
             self.pacer.stepped(seconds)
             return
         self.pacer.rode(tokens, seconds)
+        self.metrics.mixed_prompt_tokens.inc(tokens)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decode step of %d rows with %d prompts: %d tokens, %d cached, %.0f ms; turn budget %s tokens",
                       rows, len(riders), tokens, cached, 1e3 * seconds, self.pacer.budget())
