@@ -6,6 +6,8 @@ LORAMUX_FAULTS is a comma-separated list of
                        row whose prompt contains MARKER joins the batch (the last-resort path)
   join:MARKER          joining the batch fails for the rows prefilled with a prompt
                        containing MARKER (e.g. out of memory growing the KV buffers)
+  admit:MARKER         admitting a request whose prompt contains MARKER raises (a stand-in for a
+                       bug between the queue and the prefill)
   load-oom:ID:N        the first N loads of adapter ID raise out-of-memory
 """
 
@@ -24,8 +26,9 @@ class InjectedFault(RuntimeError):
 
 
 def marked(prompt: str) -> str:
-    """The kind of fault ("step", "crash", "join") a prompt asks for; "" for none."""
-    return next((f[0] for f in _spec if f[0] in ("step", "crash", "join") and len(f) == 2 and f[1] in prompt), "")
+    """The kind of fault ("step", "crash", "join", "admit") a prompt asks for; "" for none."""
+    kinds = ("step", "crash", "join", "admit")
+    return next((f[0] for f in _spec if f[0] in kinds and len(f) == 2 and f[1] in prompt), "")
 
 
 def load_should_oom(adapter_id: str) -> bool:

@@ -16,7 +16,7 @@ from loramux.pb.loramux.v1 import loramux_pb2 as pb
 from tests.server import ServerProcess, wait_for
 
 S = grpc.StatusCode
-FAULTS = "step:BOOM,crash:CRASH,join:NOROOM,load-oom:oom-once:1,load-oom:oom-always:9"
+FAULTS = "step:BOOM,crash:CRASH,join:NOROOM,admit:NOADMIT,load-oom:oom-once:1,load-oom:oom-always:9"
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,29 @@ def test_rows_that_cannot_join_the_batch_end_at_once(server, reference):
         long.join()
         assert list(results["long"].token_ids) == reference.generate("r16-all", "Once upon a time", 40)
         assert wait_for(lambda: server.metrics()["loramux_running_requests"] == 0, timeout=10)
+
+
+def test_a_request_that_fails_admission_ends_at_once_and_alone(server, reference):
+    """A failure between the queue and the prefill (a bug) ends that request INTERNAL at once,
+    not at its deadline, and neither the request decoding beside it nor a later one notices."""
+    with server.client(timeout=30) as c, Client(server.address, timeout=30) as other:
+        results = {}
+
+        def run():
+            results["long"] = c.generate("Once upon a time", "steady", max_new_tokens=40)
+
+        long = threading.Thread(target=run)
+        long.start()
+        assert wait_for(lambda: server.metrics()["loramux_running_requests"] >= 1, timeout=20)
+        started = time.monotonic()
+        code, details = status_of(other.generate, "NOADMIT please", "steady", max_new_tokens=4)
+        assert code == S.INTERNAL and "admission failed" in details and "Traceback" not in details
+        assert time.monotonic() - started < 10
+        long.join()
+        assert list(results["long"].token_ids) == reference.generate("r16-all", "Once upon a time", 40)
+        assert wait_for(lambda: server.metrics()["loramux_running_requests"] == 0, timeout=10)
+        answer = c.generate("Hello world", "steady", max_new_tokens=8)  # later requests are served
+        assert list(answer.token_ids) == reference.generate("r16-all", "Hello world", 8)
 
 
 def test_out_of_memory_on_load(server, reference):

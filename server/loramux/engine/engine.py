@@ -286,7 +286,7 @@ class Engine:
         while not self._stop:
             try:
                 admitted = self._admit()
-            except Exception:  # never let the loop die; _admit fails the rows it took
+            except Exception:  # never let the loop die (_admit ends the requests it took itself)
                 log.exception("admission failed")
                 admitted = False
             try:
@@ -410,13 +410,38 @@ class Engine:
             self.metrics.queue_depth.set(len(self.scheduler))
         for req in gone:
             self._fail(req, DeadlineExceeded("deadline passed while queued") if req.expired(now) else None)
-        rows = [row for row in (self._start_row(req) for req in picked) if row is not None]
-        if self._mixed_steps and self.rows:  # short prompts ride the next decode step
-            rides = [self._uncached(r.req) <= self._piece and not r.req.inject_fault for r in rows]
-            self._riders += [r for r, ride in zip(rows, rides, strict=True) if ride]
-            rows = [r for r, ride in zip(rows, rides, strict=True) if not ride]
+        rows = [row for row in (self._admit_one(req) for req in picked) if row is not None]
+        try:
+            rows = self._take_riders(rows)
+        except Exception as exc:  # a bug must not leave the rows taken waiting for their deadlines
+            log.exception("admission failed")
+            for row in rows:
+                self._release(row)
+                self._fail(row.req, Internal(f"admission failed: {exc}"))
+            return True
         self._prefill_waves(rows)
         return bool(picked)
+
+    def _admit_one(self, req: Request) -> Row | None:
+        """`_start_row`; a request that fails there (a bug) ends alone, INTERNAL, instead of
+        waiting for its deadline counted as admitted."""
+        try:
+            if req.inject_fault == "admit":
+                raise faults.InjectedFault("injected fault admitting a request")
+            return self._start_row(req)
+        except Exception as exc:
+            log.exception("admitting request %s failed", req.request_id)
+            self._unadmit(req.adapter_id)
+            self._fail(req, Internal(f"admission failed: {exc}"))
+            return None
+
+    def _take_riders(self, rows: list[Row]) -> list[Row]:
+        """While rows decode, queue the short prompts to ride the next decode step; the rest."""
+        if not (self._mixed_steps and self.rows):
+            return rows
+        rides = [self._uncached(r.req) <= self._piece and not r.req.inject_fault for r in rows]
+        self._riders += [r for r, ride in zip(rows, rides, strict=True) if ride]
+        return [r for r, ride in zip(rows, rides, strict=True) if not ride]
 
     def _prefill_waves(self, rows: list[Row]) -> None:
         for wave in self._waves(rows):
@@ -486,7 +511,11 @@ class Engine:
         return len(req.prompt_ids) - (self.prefix.peek(namespace, req.prompt_ids) if namespace else 0)
 
     def _start_row(self, req: Request) -> Row | None:
-        try:
+        p = req.params
+        sampling = Sampling(p.temperature, p.top_p, p.top_k, p.seed)
+        gen = make_generator(sampling, self.runner.device)
+        stream = TextStream(self.runner.tokenizer, p.stop)
+        try:  # last: whatever can fail before it must not leave a slot pinned
             slot = self.slots.acquire(req.adapter_id) if req.adapter_id else -1
         except Exception as exc:
             self._unadmit(req.adapter_id)
@@ -495,10 +524,7 @@ class Engine:
         req.admitted = time.monotonic()
         self.metrics.queue_wait.observe(req.admitted - req.arrived)
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-        p = req.params
-        sampling = Sampling(p.temperature, p.top_p, p.top_k, p.seed)
-        gen = make_generator(sampling, self.runner.device)
-        row = Row(req, TextStream(self.runner.tokenizer, p.stop), sampling, gen, slot)
+        row = Row(req, stream, sampling, gen, slot)
         if self.prefix is not None:
             row.namespace = self.slots.identity(slot) if req.adapter_id else BASE
         return row

@@ -95,7 +95,7 @@ class Request:
     cancelled: bool = False
     done: bool = False
     grammar: object = None  # its matcher (model.grammar.RowGrammar), compiled at submit; a greedy choice narrows it
-    inject_fault: str = ""  # "step" or "crash": set only by fault-injection tests (loramux.faults)
+    inject_fault: str = ""  # "step", "crash", "join" or "admit": set only by fault-injection tests (loramux.faults)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
