@@ -89,10 +89,9 @@ def test_engine_crash_ends_running_requests_and_the_engine_goes_on(server, refer
             assert list(answer.token_ids) == reference.generate("r16-all", "Hello world", 8)
 
 
-def test_rows_that_cannot_join_the_batch_end_at_once(server, reference):
-    """Prefilled rows whose join to the batch fails end INTERNAL at once (they were taken
-    off the prefilled queue: without an error they would wait for their deadline), and the
-    rows running beside them go on."""
+def _fails_at_once_beside_a_long_request(server, reference, prompt: str, detail: str) -> None:
+    """`prompt` ends INTERNAL (with `detail`) within seconds while another request decodes;
+    that request's answer is PEFT's and nothing is left running."""
     with server.client(timeout=30) as c, Client(server.address, timeout=30) as other:
         results = {}
 
@@ -103,35 +102,28 @@ def test_rows_that_cannot_join_the_batch_end_at_once(server, reference):
         long.start()
         assert wait_for(lambda: server.metrics()["loramux_running_requests"] >= 1, timeout=20)
         started = time.monotonic()
-        code, details = status_of(other.generate, "NOROOM please", "steady", max_new_tokens=4)
-        assert code == S.INTERNAL and "joining the batch" in details and "Traceback" not in details
+        code, details = status_of(other.generate, prompt, "steady", max_new_tokens=4)
+        assert code == S.INTERNAL and detail in details and "Traceback" not in details
         assert time.monotonic() - started < 10
         long.join()
         assert list(results["long"].token_ids) == reference.generate("r16-all", "Once upon a time", 40)
         assert wait_for(lambda: server.metrics()["loramux_running_requests"] == 0, timeout=10)
+
+
+def test_rows_that_cannot_join_the_batch_end_at_once(server, reference):
+    """Prefilled rows whose join to the batch fails end INTERNAL at once (they were taken
+    off the prefilled queue: without an error they would wait for their deadline), and the
+    rows running beside them go on."""
+    _fails_at_once_beside_a_long_request(server, reference, "NOROOM please", "joining the batch")
 
 
 def test_a_request_that_fails_admission_ends_at_once_and_alone(server, reference):
     """A failure between the queue and the prefill (a bug) ends that request INTERNAL at once,
     not at its deadline, and neither the request decoding beside it nor a later one notices."""
-    with server.client(timeout=30) as c, Client(server.address, timeout=30) as other:
-        results = {}
-
-        def run():
-            results["long"] = c.generate("Once upon a time", "steady", max_new_tokens=40)
-
-        long = threading.Thread(target=run)
-        long.start()
-        assert wait_for(lambda: server.metrics()["loramux_running_requests"] >= 1, timeout=20)
-        started = time.monotonic()
-        code, details = status_of(other.generate, "NOADMIT please", "steady", max_new_tokens=4)
-        assert code == S.INTERNAL and "admission failed" in details and "Traceback" not in details
-        assert time.monotonic() - started < 10
-        long.join()
-        assert list(results["long"].token_ids) == reference.generate("r16-all", "Once upon a time", 40)
-        assert wait_for(lambda: server.metrics()["loramux_running_requests"] == 0, timeout=10)
-        answer = c.generate("Hello world", "steady", max_new_tokens=8)  # later requests are served
-        assert list(answer.token_ids) == reference.generate("r16-all", "Hello world", 8)
+    _fails_at_once_beside_a_long_request(server, reference, "NOADMIT please", "admission failed")
+    with server.client(timeout=30) as c:
+        answer = c.generate("Hello world", "steady", max_new_tokens=8)
+    assert list(answer.token_ids) == reference.generate("r16-all", "Hello world", 8)
 
 
 def test_out_of_memory_on_load(server, reference):
