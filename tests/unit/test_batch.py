@@ -228,9 +228,8 @@ def test_prompts_prefilled_inside_decode_steps_go_on_as_alone(runner):
         joining = [n for n, entry in plan.items() if entry[2] == step]  # none at most steps: a plain step
         pasts = []
         for name in joining:  # "d" takes its first 5 tokens from a "cache": its own earlier prefill
-            prompt = plan[name][0]
-            _, own = runner.prefill([prompt], [-1])
-            pasts.append(runner.row_kv(own, 0, len(prompt))(0, 5) if name == "d" else None)
+            own = runner.prefill([plan[name][0]], [-1])[1] if name == "d" else None
+            pasts.append(None if own is None else runner.row_kv(own, 0, len(plan[name][0]))(0, 5))
         logits, first, groups = runner.decode_mixed(batch, [got[n][0][-1] for n in rows],
                                                     [plan[n][0] for n in joining], [-1] * len(joining), pasts)
         record(got, rows, logits)

@@ -356,6 +356,7 @@ class Engine:
         """One token for every running row; `riders`' prompts computed in the same forward."""
         self.metrics.batch_size.observe(len(self.rows))
         self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in self.rows if r.req.adapter_id}))
+        first, groups = None, []  # the riders' last-position logits and keys and values
         try:
             last = [r.req.generated[-1] for r in self.rows]
             if riders:
@@ -372,7 +373,7 @@ class Engine:
             return
         for row in riders:
             row.past = None
-        for i, (row, group) in enumerate(zip(riders, groups if riders else [], strict=True)):
+        for i, (row, group) in enumerate(zip(riders, groups, strict=True)):
             self._remember([row], group)
             self._first_tokens([row], first[i:i + 1], group)
         now, outbox = time.monotonic(), Outbox()
@@ -450,15 +451,9 @@ class Engine:
 
     def _board(self) -> list[Row]:
         """The riders of this decode step: the first wave of those waiting (`_waves`: the rest
-        wait for it to be cached), their cached prefixes looked up; cancelled ones end here."""
-        now, live = time.monotonic(), []
-        for row in self._riders:
-            if row.req.cancelled or row.req.expired(now):
-                self._release(row)
-                self._fail(row.req, None if row.req.cancelled else DeadlineExceeded("deadline passed while queued"))
-            else:
-                live.append(row)
-        waves = self._waves(live)
+        wait for it to be cached), their cached prefixes looked up (cancelled ones ended in
+        `_drop_gone_rows`)."""
+        waves = self._waves(self._riders)
         board = waves[0] if waves else []
         self._riders = waves[1] if len(waves) > 1 else []
         self._look_up(board)
@@ -715,9 +710,9 @@ class Engine:
 
     def _drop_gone_rows(self) -> None:
         now = time.monotonic()
-        expired = DeadlineExceeded("deadline passed while generating")
 
-        def gone(rows: list[Row]) -> dict[int, Exception | None]:
+        def gone(rows: list[Row], when: str = "generating") -> dict[int, Exception | None]:
+            expired = DeadlineExceeded(f"deadline passed while {when}")
             return {i: None if r.req.cancelled else expired for i, r in enumerate(rows)
                     if r.req.cancelled or r.req.expired(now)}
 
@@ -728,6 +723,11 @@ class Engine:
             errors = gone(rows)
             if errors:
                 self._fail_shelved(adapter_id, errors)
+        errors = gone(self._riders, "queued")  # riders: admitted, their prompts not yet computed
+        for i, error in errors.items():
+            self._release(self._riders[i])
+            self._fail(self._riders[i].req, error)
+        self._riders = [r for i, r in enumerate(self._riders) if i not in errors]
 
     def _fail_rows(self, errors: dict[int, Exception | None]) -> None:
         """End running rows {index: error} (None: cancelled) and take them out of the batch."""

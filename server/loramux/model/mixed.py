@@ -37,6 +37,13 @@ def done() -> None:
     _current.layer = None
 
 
+def causal(past: int, width: int, device: torch.device) -> torch.Tensor:
+    """Which of a prompt's `width` keys each of its new tokens (after `past` cached ones) may
+    attend to, as SDPA takes it: [1, 1, width - past, width] bool. Made once per forward."""
+    seen = torch.arange(width, device=device).view(1, -1)
+    return (seen <= torch.arange(past, width, device=device).view(-1, 1))[None, None]
+
+
 @dataclass
 class Rider:
     """One newcomer's keys and values for one layer: [1, kv_heads, past + new, head_dim]."""
@@ -45,6 +52,11 @@ class Rider:
     values: torch.Tensor
     past: int  # cached tokens at the start of its buffers
     start: int  # its first token's index in the flattened sequence
+    causal: torch.Tensor  # `causal(past, past + new)`, shared by every layer
+
+    @property
+    def new(self) -> int:
+        return self.keys.shape[2] - self.past
 
 
 class MixedLayer(DynamicLayer):
@@ -63,9 +75,8 @@ class MixedLayer(DynamicLayer):
         rows.buf_k[:n, :, rows.hi].copy_(key_states[0, :, :n].transpose(0, 1))
         rows.buf_v[:n, :, rows.hi].copy_(value_states[0, :, :n].transpose(0, 1))
         for r in self.riders:
-            new = r.keys.shape[2] - r.past
-            r.keys[0, :, r.past:].copy_(key_states[0, :, r.start:r.start + new])
-            r.values[0, :, r.past:].copy_(value_states[0, :, r.start:r.start + new])
+            r.keys[0, :, r.past:].copy_(key_states[0, :, r.start:r.start + r.new])
+            r.values[0, :, r.past:].copy_(value_states[0, :, r.start:r.start + r.new])
         _current.layer = self
         return key_states, value_states
 
@@ -79,11 +90,7 @@ class MixedLayer(DynamicLayer):
         out = [attend(module, q, rows.buf_k[:n, :, cols], rows.buf_v[:n, :, cols],
                       self.mask[:, None, None, :], scaling=scaling, **kwargs)[0].view(n, *query.shape[1:2], -1)]
         for r in self.riders:
-            width = r.keys.shape[2]
-            new = width - r.past
-            seen = torch.arange(width, device=query.device).view(1, -1)
-            causal = seen <= torch.arange(r.past, width, device=query.device).view(-1, 1)  # [new, width]
-            qr = query[:, :, r.start:r.start + new]
-            o = attend(module, qr, r.keys, r.values, causal[None, None], scaling=scaling, **kwargs)[0]
-            out.append(o.view(new, *o.shape[2:]))
+            o = attend(module, query[:, :, r.start:r.start + r.new], r.keys, r.values, r.causal,
+                       scaling=scaling, **kwargs)[0]
+            out.append(o.view(r.new, *o.shape[2:]))
         return torch.cat(out).unsqueeze(0), None

@@ -378,7 +378,7 @@ class Runner:
         n = batch.size
         mask = batch.step_mask().bool()
         ids, pos, token_slots = list(tokens), list(batch.next_pos), list(batch.slots)
-        kvs, riders, keep = [], [], list(range(n))
+        riders, keep = [], list(range(n))  # riders: (keys and values of every layer, cached, start, causal)
         layer0 = batch.cache.layers[0].buf_k
         for p, slot, past in zip(prompts, slots, pasts, strict=True):
             hit = 0 if past is None else past.shape[3]
@@ -386,15 +386,14 @@ class Runner:
                              dtype=layer0.dtype, device=layer0.device)
             if hit:
                 kv[:, :, 0, :, :hit] = past
-            riders.append((kv, hit, len(ids)))
+            riders.append((kv, hit, len(ids), mixed.causal(hit, len(p), self.device)))
             ids += p[hit:]
             pos += range(hit, len(p))
             token_slots += [slot] * (len(p) - hit)
             keep.append(len(ids) - 1)
-            kvs.append(kv)
         cache = DynamicCache()
-        cache.layers = [mixed.MixedLayer(layer, mask, [mixed.Rider(kv[i, 0], kv[i, 1], hit, start)
-                                                       for kv, hit, start in riders])
+        cache.layers = [mixed.MixedLayer(layer, mask, [mixed.Rider(kv[i, 0], kv[i, 1], hit, start, causal)
+                                                       for kv, hit, start, causal in riders])
                         for i, layer in enumerate(batch.cache.layers)]
         self.ctx.set(token_slots, self.device, per_token=True)
         try:
@@ -409,7 +408,7 @@ class Runner:
         logits = out.logits[0]
         groups = [Group([(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])],
                         torch.ones((1, len(p)), dtype=torch.long, device=self.device), [len(p)], [slot])
-                  for kv, p, slot in zip(kvs, prompts, slots, strict=True)]
+                  for (kv, *_), p, slot in zip(riders, prompts, slots, strict=True)]
         return logits[:n], logits[n:], groups
 
     @torch.inference_mode()
