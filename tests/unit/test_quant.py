@@ -42,12 +42,36 @@ def test_lean_forward_equals_bitsandbytes(quant_type, nested):
         assert torch.equal(e, g)
 
 
-def test_training_keeps_the_bitsandbytes_path():
+def test_training_gets_gradients_and_bitsandbytes_numbers():
     layer = quantized("nf4", True, 64, 64)
-    lean_4bit(layer)
     x = torch.randn(2, 64, requires_grad=True)
-    layer(x).sum().backward()  # the lean path has no backward; bitsandbytes' has
-    assert x.grad is not None and x.grad.abs().sum() > 0
+    layer(x).sum().backward()
+    want_out, want_grad = layer(x).detach(), x.grad.clone()
+    x.grad = None
+    lean_4bit(layer)  # the weight may now be in the panels' layout, which bitsandbytes cannot read
+    out = layer(x)
+    out.sum().backward()  # the lean fused path has no backward: a call that wants gradients dequantizes
+    assert torch.equal(out.detach(), want_out)
+    torch.testing.assert_close(x.grad, want_grad)
+
+
+@pytest.mark.skipif(kernels.isa() != "avx2" or not kernels.load(), reason="the panels' layout is AVX2's")
+def test_panels_rewrite_the_weight_in_place():
+    layer, ragged = quantized("nf4", True, 96, 64), quantized("nf4", False, 40, 64)
+    before = [(m.weight.data.data_ptr(), m.weight.data.clone()) for m in (layer, ragged)]
+    lean = lean_4bit(torch.nn.Sequential(layer, ragged))
+    assert lean.panels
+    # The same bytes in the same storage, reordered: no second copy of the 4-bit weight.
+    assert layer.weight.data.data_ptr() == before[0][0] and not torch.equal(layer.weight.data, before[0][1])
+    # 40 outputs are not whole panels of 16: that layer keeps bitsandbytes' layout.
+    assert torch.equal(ragged.weight.data, before[1][1])
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        lean.fused_rows = 3
+        fast = layer(x)
+        lean.fused_rows = 0  # dequantized from the panels, then MKL's matmul
+        dense = layer(x)
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_scratch_made_in_inference_mode_serves_calls_outside_it():

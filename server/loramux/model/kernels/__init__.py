@@ -1,6 +1,8 @@
 """loramux's CPU kernels: built once per torch version and source, cached, and loaded as
 the ops `torch.ops.loramux.linear_4bit` (the fused 4-bit product), `lora_rows` (a decode
-step's LoRA term), `linear_4bit_lora` (both in one call; `linear_4bit.cpp`) and
+step's LoRA term), `linear_4bit_lora` (both in one call), their AVX2 forms over the
+panels' layout (`panels_4bit`, `linear_4bit_panels[_lora]`, `dequantize_panels`;
+`linear_4bit.cpp`) and
 `decode_attention` (a decode step's attention; `attention.cpp`).
 
 Built with the system's C++ compiler against the installed torch (about 30 s on 2 cores),

@@ -10,7 +10,9 @@
 //
 // Also `lora_rows`: a decode step's LoRA term for every row and adapter in one call (below),
 // and `linear_4bit_lora`: both in one parallel region, the term added to each thread's
-// output columns while they are in its cache.
+// output columns while they are in its cache. On AVX2 the weight is first rewritten into
+// the panels' layout (`panels_4bit`, below; the same bytes reordered), whose outer-product
+// kernel (`linear_4bit_panels`, `linear_4bit_panels_lora`) replaces the row tiles' dot products.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <immintrin.h>
@@ -204,24 +206,28 @@ constexpr int kGroup = 4;
       }                                                                                       \
     });                                                                                       \
   }                                                                                           \
-  /* run's product and lora_run's term in one parallel region: every row's h first (split by */ \
-  /* groups; each output column needs all of them), then each thread's tiles of W and the */    \
-  /* LoRA term over the same output columns, while they are still in its cache */             \
-  void fused_run(const Args& a, const LoraArgs& l, const std::vector<Group>& groups, const int64_t* order) { \
-    const int64_t K = a.K, N = a.N, M = a.M, tile = tile_rows(K), nt = (N + tile - 1) / tile; \
-    const int64_t ng = static_cast<int64_t>(groups.size());                                   \
-    std::vector<float> bufs(omp_get_max_threads() * tile * K), hs(std::max<int64_t>(1, M * l.R)); \
+  /* a product over `nt` output tiles of `width` columns (`tiles(t0, t1, buf)`, a buffer of */  \
+  /* `bufsize` floats per thread) and lora_run's term in one parallel region: every row's h */   \
+  /* first (split by groups; each output column needs all of them), then each thread's tiles */ \
+  /* and the LoRA term over the same output columns, while they are still in its cache */     \
+  template <class Tiles>                                                                      \
+  void fused_tiles(int64_t nt, int64_t width, int64_t bufsize, const LoraArgs& l,             \
+                   const std::vector<Group>& groups, const int64_t* order, const Tiles& tiles) { \
+    const int64_t N = l.N, ng = static_cast<int64_t>(groups.size());                          \
+    int64_t M = 0;                                                                            \
+    for (const Group& g : groups) M = std::max(M, g.first + g.count);                         \
+    std::vector<float> bufs(omp_get_max_threads() * bufsize), hs(std::max<int64_t>(1, M * l.R)); \
     auto down = [&](int64_t g0, int64_t g1) {                                                 \
       for (int64_t t = g0; t < g1; ++t) lora_part(l, groups[t], order, hs.data() + groups[t].first * l.R, false, 0, 0); \
     };                                                                                        \
     auto rest = [&](int64_t t0, int64_t t1, float* buf) {                                     \
-      tiles(a, t0, t1, buf);                                                                  \
-      const int64_t n0 = std::min(N, t0 * tile), n1 = std::min(N, t1 * tile);                 \
+      tiles(t0, t1, buf);                                                                     \
+      const int64_t n0 = std::min(N, t0 * width), n1 = std::min(N, t1 * width);               \
       for (const Group& g : groups) lora_part(l, g, order, hs.data() + g.first * l.R, true, n0, n1); \
     };                                                                                        \
     if (omp_in_parallel() || omp_get_max_threads() == 1) {                                    \
       down(0, ng);                                                                            \
-      return rest(0, nt, bufs.data());                                                     \
+      return rest(0, nt, bufs.data());                                                        \
     }                                                                                         \
     _Pragma("omp parallel")                                                                   \
     {                                                                                         \
@@ -230,8 +236,13 @@ constexpr int kGroup = 4;
       down(g0, std::min(ng, g0 + gc));                                                        \
       _Pragma("omp barrier")                                                                  \
       const int64_t tc = (nt + team - 1) / team, t0 = std::min(nt, id * tc);                  \
-      rest(t0, std::min(nt, t0 + tc), bufs.data() + id * tile * K);                           \
+      rest(t0, std::min(nt, t0 + tc), bufs.data() + id * bufsize);                            \
     }                                                                                         \
+  }                                                                                           \
+  void fused_run(const Args& a, const LoraArgs& l, const std::vector<Group>& groups, const int64_t* order) { \
+    const int64_t tile = tile_rows(a.K);                                                      \
+    fused_tiles((a.N + tile - 1) / tile, tile, tile * a.K, l, groups, order,                  \
+                [&](int64_t t0, int64_t t1, float* buf) { tiles(a, t0, t1, buf); });          \
   }
 
 namespace avx2 {
@@ -258,6 +269,118 @@ inline void put16(__m128i codes, const Lut& lut, float* dst) {
 }
 LORAMUX_KERNEL_BODY
 LORAMUX_LORA_BODY
+
+// Panels (AVX2): W's rows in groups of kPanel, each group stored k-major (`panels_4bit`), so
+// that one k of a panel is 8 bytes of codes and its dequantized values are two vectors of
+// output columns. The product then broadcasts x[m][k] against them (an outer product: the
+// accumulators are outputs, no horizontal sums) and a panel's values, dequantized once into a
+// buffer, serve every row of x. Each weight is still bitsandbytes' product code x scale.
+constexpr int64_t kPanel = 16;
+constexpr int kPanelMR = 6;  // rows of x a micro-step: 12 accumulators, 2 weight vectors, 1 broadcast
+
+struct PanelArgs {
+  const float* x;
+  const uint8_t* packed;  // [N / kPanel][K][8]: byte i = row i's code | row (i + 8)'s code << 4
+  const float* absmax;    // [N / kPanel][K / blocksize][kPanel]
+  const float* code;
+  float* out;
+  int64_t M, N, K, blocksize;
+};
+
+// Panel p's weights as float32, [K][kPanel].
+inline void panel_dequant(const PanelArgs& a, int64_t p, float* dst) {
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const Vec lo = load(a.code), hi = load(a.code + 8);
+  const int64_t blocks = a.K / a.blocksize;
+  const uint8_t* src = a.packed + p * a.K * 8;
+  const float* scales = a.absmax + p * blocks * kPanel;
+  for (int64_t b = 0; b < blocks; ++b, scales += kPanel) {
+    const Vec s0 = load(scales), s1 = load(scales + 8);
+    for (int64_t k = 0; k < a.blocksize; ++k, src += 8, dst += kPanel) {
+      const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+      const __m256i c0 = _mm256_cvtepu8_epi32(_mm_and_si128(c, mask));
+      const __m256i c1 = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(c, 4), mask));
+      store(dst, mul(lookup(c0, lo, hi), s0));
+      store(dst + 8, mul(lookup(c1, lo, hi), s1));
+    }
+  }
+}
+
+// out[i][0, kPanel) = x[i] . w[:, j] for MR rows of x against one dequantized panel.
+template <int MR>
+inline void panel_rows(const float* x, int64_t K, const float* w, float* out, int64_t ldo) {
+  Vec acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = zero();
+  for (int64_t k = 0; k < K; ++k, w += kPanel) {
+    const Vec w0 = load(w), w1 = load(w + 8);
+    for (int i = 0; i < MR; ++i) {
+      const Vec xv = bcast(x[i * K + k]);
+      acc[i][0] = fma(xv, w0, acc[i][0]);
+      acc[i][1] = fma(xv, w1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    store(out + i * ldo, acc[i][0]);
+    store(out + i * ldo + 8, acc[i][1]);
+  }
+}
+
+// out[m0, m1) x panel's columns for rows of x in near-equal micro-steps (28 rows: 6, 6, 6, 5,
+// 5): fewer than 5 rows leave the FMAs' latency bare.
+inline void panel_block(const PanelArgs& a, const float* w, int64_t p, int64_t m0, int64_t m1) {
+  const int64_t K = a.K, N = a.N, steps = (m1 - m0 + kPanelMR - 1) / kPanelMR;
+  for (int64_t s = 0, m = m0; s < steps; ++s) {
+    const int64_t rows = (m1 - m) / (steps - s);  // the rest, spread over the steps left
+    const float* x = a.x + m * K;
+    float* out = a.out + m * N + p * kPanel;
+    switch (rows) {
+      case 1: panel_rows<1>(x, K, w, out, N); break;
+      case 2: panel_rows<2>(x, K, w, out, N); break;
+      case 3: panel_rows<3>(x, K, w, out, N); break;
+      case 4: panel_rows<4>(x, K, w, out, N); break;
+      case 5: panel_rows<5>(x, K, w, out, N); break;
+      default: panel_rows<kPanelMR>(x, K, w, out, N);
+    }
+    m += rows;
+  }
+}
+
+// Rows of x a panel's values serve before the next panel: x's chunk stays in L2 while every
+// panel of the thread passes over it (a panel is dequantized again for each chunk).
+constexpr int64_t kPanelChunk = 256;
+
+// Panels [p0, p1) of the output, through one thread's [K][kPanel] buffer.
+void panels(const PanelArgs& a, int64_t p0, int64_t p1, float* buf) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += kPanelChunk)
+    for (int64_t p = p0; p < p1; ++p) {
+      panel_dequant(a, p, buf);
+      panel_block(a, buf, p, m0, std::min(a.M, m0 + kPanelChunk));
+    }
+}
+
+// W (N x K, float32) from the panels' layout: each panel dequantized, then its columns written
+// out as rows of W.
+void panel_weight(const PanelArgs& a, float* w) {
+  std::vector<float> bufs(omp_get_max_threads() * a.K * kPanel);
+  parallel(a.N / kPanel, [&](int64_t p0, int64_t p1, int64_t id) {
+    float* buf = bufs.data() + id * a.K * kPanel;
+    for (int64_t p = p0; p < p1; ++p) {
+      panel_dequant(a, p, buf);
+      for (int64_t j = 0; j < kPanel; ++j)
+        for (int64_t k = 0; k < a.K; ++k) w[(p * kPanel + j) * a.K + k] = buf[k * kPanel + j];
+    }
+  });
+}
+
+void panel_run(const PanelArgs& a) {
+  std::vector<float> bufs(omp_get_max_threads() * a.K * kPanel);
+  parallel(a.N / kPanel, [&](int64_t p0, int64_t p1, int64_t id) { panels(a, p0, p1, bufs.data() + id * a.K * kPanel); });
+}
+
+void panel_fused_run(const PanelArgs& a, const LoraArgs& l, const std::vector<Group>& groups, const int64_t* order) {
+  fused_tiles(a.N / kPanel, kPanel, a.K * kPanel, l, groups, order,
+              [&](int64_t p0, int64_t p1, float* buf) { panels(a, p0, p1, buf); });
+}
 LORAMUX_ISA_END
 }  // namespace avx2
 
@@ -297,6 +420,69 @@ at::Tensor linear_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   a.out = out.data_ptr<float>();
   check_isa(wide);
   if (wide) avx512::run(a); else avx2::run(a);
+  return out;
+}
+
+// bitsandbytes' 4-bit weight (N x K, flat, high nibble first; a float32 scale per block of
+// the flat array) in the panels' layout: (packed, absmax) for `linear_4bit_panels`. Needs
+// N % 16 == 0 and K % blocksize == 0 (a block never spans two rows of W).
+std::vector<at::Tensor> panels_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, int64_t N) {
+  using avx2::kPanel;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous(), "absmax: contiguous float32");
+  TORCH_CHECK(N > 0 && N % kPanel == 0 && (packed.numel() * 2) % N == 0, "N must divide the weight, in 16s");
+  const int64_t K = packed.numel() * 2 / N;
+  TORCH_CHECK(blocksize > 0 && K % blocksize == 0 && absmax.numel() == N * K / blocksize,
+              "K must be whole blocks of the scales");
+  const int64_t blocks = K / blocksize;
+  auto out = at::empty({packed.numel()}, packed.options());
+  auto scales = at::empty({absmax.numel()}, absmax.options());
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  const float* am = absmax.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  float* sc = scales.data_ptr<float>();
+  auto code = [&](int64_t row, int64_t k) {
+    const int64_t e = row * K + k;
+    return e % 2 == 0 ? src[e / 2] >> 4 : src[e / 2] & 0x0F;
+  };
+  parallel(N / kPanel, [&](int64_t p0, int64_t p1, int64_t) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t i = 0; i < 8; ++i)
+          dst[(p * K + k) * 8 + i] = static_cast<uint8_t>(code(p * kPanel + i, k) | code(p * kPanel + i + 8, k) << 4);
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t j = 0; j < kPanel; ++j) sc[(p * blocks + b) * kPanel + j] = am[(p * kPanel + j) * blocks + b];
+    }
+  });
+  return {out, scales};
+}
+
+avx2::PanelArgs panel_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const at::Tensor& code, int64_t blocksize, int64_t N) {
+  const Args a = base_args(x, packed, absmax, code, blocksize, N);
+  TORCH_CHECK(N % avx2::kPanel == 0 && a.K % blocksize == 0, "panels need N % 16 == 0 and whole blocks per row");
+  TORCH_CHECK(absmax.numel() * blocksize == N * a.K, "absmax: one scale per block");
+  check_isa(false);
+  return {a.x, a.packed, a.absmax, a.code, nullptr, a.M, N, a.K, blocksize};
+}
+
+// out = the float32 weight [N, K] of a weight in the panels' layout: bitsandbytes' dequantize.
+void dequantize_panels(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                       int64_t blocksize, int64_t N, const at::Tensor& out) {
+  TORCH_CHECK(N > 0 && (packed.numel() * 2) % N == 0, "N must divide the weight");
+  const int64_t K = packed.numel() * 2 / N;
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == N * K, "out: float32 N x K");
+  avx2::PanelArgs a = panel_args(at::empty({0, K}, absmax.options()), packed, absmax, code, blocksize, N);
+  avx2::panel_weight(a, out.data_ptr<float>());
+}
+
+// linear_4bit for a weight in the panels' layout (`panels_4bit`; AVX2).
+at::Tensor linear_4bit_panels(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                              const at::Tensor& code, int64_t blocksize, int64_t N) {
+  avx2::PanelArgs a = panel_args(x, packed, absmax, code, blocksize, N);
+  auto out = at::empty({a.M, N}, x.options());
+  a.out = out.data_ptr<float>();
+  avx2::panel_run(a);
   return out;
 }
 
@@ -369,6 +555,21 @@ at::Tensor linear_4bit_lora(const at::Tensor& x, const at::Tensor& packed, const
   return out;
 }
 
+// linear_4bit_panels + lora_rows' term in one pass over the output, as linear_4bit_lora.
+at::Tensor linear_4bit_panels_lora(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                   const at::Tensor& code, int64_t blocksize, int64_t N, const at::Tensor& a,
+                                   const at::Tensor& bt, const at::Tensor& scaling, const at::Tensor& slots,
+                                   const at::Tensor& ranks) {
+  avx2::PanelArgs base = panel_args(x, packed, absmax, code, blocksize, N);
+  auto out = at::empty({base.M, N}, x.options());
+  base.out = out.data_ptr<float>();
+  std::vector<Group> groups;
+  std::vector<int64_t> order;
+  const LoraArgs lora = lora_args(x, base.out, N, a, bt, scaling, slots, ranks, groups, order);
+  avx2::panel_fused_run(base, lora, groups, order.data());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loramux, m) {
@@ -377,9 +578,18 @@ TORCH_LIBRARY(loramux, m) {
         "bool wide) -> ()");
   m.def("linear_4bit_lora(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int N, bool wide, "
         "Tensor a, Tensor bt, Tensor scaling, Tensor slots, Tensor ranks) -> Tensor");
+  m.def("panels_4bit(Tensor packed, Tensor absmax, int blocksize, int N) -> Tensor[]");
+  m.def("dequantize_panels(Tensor packed, Tensor absmax, Tensor code, int blocksize, int N, Tensor(a!) out) -> ()");
+  m.def("linear_4bit_panels(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int N) -> Tensor");
+  m.def("linear_4bit_panels_lora(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int N, "
+        "Tensor a, Tensor bt, Tensor scaling, Tensor slots, Tensor ranks) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(loramux, CPU, m) {
   m.impl("linear_4bit", &linear_4bit);
   m.impl("lora_rows", &lora_rows);
   m.impl("linear_4bit_lora", &linear_4bit_lora);
+  m.impl("panels_4bit", &panels_4bit);
+  m.impl("dequantize_panels", &dequantize_panels);
+  m.impl("linear_4bit_panels", &linear_4bit_panels);
+  m.impl("linear_4bit_panels_lora", &linear_4bit_panels_lora);
 }
