@@ -1,4 +1,4 @@
-"""The output head through oneDNN gives the head's own product to float32 rounding, only
+"""The output head through loramux's kernel or oneDNN gives the head's own product to float32 rounding, only
 where it applies, and only where start-up timing kept it."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def head(out_features: int = 1000, in_features: int = 64, bias: bool = False) ->
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [False, True])
-def test_onednn_product_equals_the_linear_to_rounding(bias):
+def test_faster_product_equals_the_linear_to_rounding(bias):
     layer = head(bias=bias)
     x = torch.randn(5, 1, 64)
     with torch.inference_mode():
@@ -51,6 +51,20 @@ def test_training_keeps_the_linear():
     x = torch.randn(2, 64, requires_grad=True)
     layer(x).sum().backward()  # oneDNN's op has no backward; the module's own has
     assert x.grad is not None and layer.weight.grad is not None
+
+
+@needs_onednn
+def test_kernel_where_it_loads_onednn_where_the_shape_does_not_fit():
+    from loramux.model import kernels
+
+    assert DenseHead(head()).name == ("loramux's kernel" if kernels.load() else "oneDNN")
+    odd = head(in_features=72)  # not a multiple of 16: the kernel's loops do not take it
+    dense = DenseHead(odd)
+    dense.rows = 5
+    x = torch.randn(5, 72)
+    assert dense.name == "oneDNN"
+    with torch.inference_mode():
+        torch.testing.assert_close(odd(x), torch.nn.functional.linear(x, odd.weight), rtol=1e-5, atol=1e-5)
 
 
 def test_heads_it_does_not_take_keep_their_forward():

@@ -131,8 +131,8 @@ def fused_4bit_rows(lean: Lean4bit, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32,
 
 @torch.inference_mode()
 def dense_head_rows(head: DenseHead, rows: tuple[int, ...] = (1, 8, 32, 128), repeat: int = 3) -> int:
-    """Up to how many input rows oneDNN's linear beats the module's own forward on the
-    model's output head, 0 if it never does or its numbers are not the same product (then
+    """Up to how many input rows the head's faster op (loramux's or oneDNN's) beats its own
+    forward on the model's output head, 0 if it never does or its numbers are not the same product (then
     a warning). Up to 128 rows: the head sees a decode batch or a prefill's last positions,
     and each size timed costs start-up (on SmolLM2 up to 256 rows took 3.4 s)."""
     if head.op is None:
@@ -147,9 +147,9 @@ def dense_head_rows(head: DenseHead, rows: tuple[int, ...] = (1, 8, 32, 128), re
 
     chosen = _crossover(rows, lambda limit: setattr(head, "rows", limit), make, repeat, same)
     if chosen is None:
-        log.warning("oneDNN's linear disagrees with the output head's own product; not used")
+        log.warning("the output head's faster op disagrees with its own product; not used")
     head.rows = chosen or 0
-    log.info("output head through oneDNN for inputs of up to %d rows", head.rows)
+    log.info("output head through %s for inputs of up to %d rows", head.name, head.rows)
     return head.rows
 
 

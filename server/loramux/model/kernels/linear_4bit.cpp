@@ -94,6 +94,18 @@ inline int64_t tile_rows(int64_t K) { return std::max<int64_t>(4, (8192 / K) / 4
       for (; m < M; ++m) rows<1>(a.x + m * K, K, buf, nr, a.out + m * N + n0, N);              \
     }                                                                                         \
   }                                                                                           \
+  /* out = x @ w^T for a float32 w [N, K], w's rows read in place tile by tile (no buffer) */ \
+  void plain_run(const float* x, const float* w, float* out, int64_t M, int64_t N, int64_t K) { \
+    const int64_t tile = tile_rows(K);                                                        \
+    parallel((N + tile - 1) / tile, [&](int64_t t0, int64_t t1, int64_t) {                    \
+      for (int64_t t = t0; t < t1; ++t) {                                                     \
+        const int64_t n0 = t * tile, nr = std::min(tile, N - n0);                             \
+        int64_t m = 0;                                                                        \
+        for (; m + kMR <= M; m += kMR) rows<kMR>(x + m * K, K, w + n0 * K, nr, out + m * N + n0, N); \
+        for (; m < M; ++m) rows<1>(x + m * K, K, w + n0 * K, nr, out + m * N + n0, N);        \
+      }                                                                                       \
+    });                                                                                       \
+  }                                                                                           \
   void run(const Args& a) {                                                                   \
     const int64_t tile = tile_rows(a.K);                                                      \
     /* each thread's tile buffer, made before the parallel region (nothing in it may throw) */ \
@@ -486,6 +498,20 @@ at::Tensor linear_4bit_panels(const at::Tensor& x, const at::Tensor& packed, con
   return out;
 }
 
+// x @ w^T for a float32 weight w [N, K] (an output head), K a multiple of 16.
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, bool wide) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1),
+              "w: contiguous float32 [N, K]");
+  TORCH_CHECK(x.size(1) % 16 == 0, "K must be a multiple of 16");
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  auto out = at::empty({M, N}, x.options());
+  check_isa(wide);
+  if (wide) avx512::plain_run(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), M, N, K);
+  else avx2::plain_run(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), M, N, K);
+  return out;
+}
+
 // The groups of up to kGroup rows of one slot, rows sorted by slot (bare rows, slot < 0, left out).
 std::vector<Group> lora_groups(const int64_t* slots, const int64_t* ranks, int64_t M, int64_t S,
                                std::vector<int64_t>& order) {
@@ -578,6 +604,7 @@ TORCH_LIBRARY(loramux, m) {
         "bool wide) -> ()");
   m.def("linear_4bit_lora(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int N, bool wide, "
         "Tensor a, Tensor bt, Tensor scaling, Tensor slots, Tensor ranks) -> Tensor");
+  m.def("linear_f32(Tensor x, Tensor w, bool wide) -> Tensor");
   m.def("panels_4bit(Tensor packed, Tensor absmax, int blocksize, int N) -> Tensor[]");
   m.def("dequantize_panels(Tensor packed, Tensor absmax, Tensor code, int blocksize, int N, Tensor(a!) out) -> ()");
   m.def("linear_4bit_panels(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, int N) -> Tensor");
@@ -588,6 +615,7 @@ TORCH_LIBRARY_IMPL(loramux, CPU, m) {
   m.impl("linear_4bit", &linear_4bit);
   m.impl("lora_rows", &lora_rows);
   m.impl("linear_4bit_lora", &linear_4bit_lora);
+  m.impl("linear_f32", &linear_f32);
   m.impl("panels_4bit", &panels_4bit);
   m.impl("dequantize_panels", &dequantize_panels);
   m.impl("linear_4bit_panels", &linear_4bit_panels);
