@@ -159,10 +159,26 @@ def _to_panels(module, qs, absmax: torch.Tensor) -> torch.Tensor:
         return qs.absmax
 
 
+def _calls(qs, absmax: torch.Tensor, packed: torch.Tensor, panels: bool, lean: Lean4bit) -> tuple[Callable, Callable]:
+    """The fused kernel's product and product-with-LoRA-term on rows `x2` of this weight, its
+    operands bound once (resolving the op and its arguments at each of 210 calls a step cost
+    a few us each)."""
+    rows, code, blocksize = qs.shape[0], qs.code, qs.blocksize
+    ops = torch.ops.loramux
+    if panels:
+        plain, lora = ops.linear_4bit_panels.default, ops.linear_4bit_panels_lora.default
+        return (lambda x2: plain(x2, packed, absmax, code, blocksize, rows),
+                lambda x2, *extra: lora(x2, packed, absmax, code, blocksize, rows, *extra))
+    plain, lora = ops.linear_4bit.default, ops.linear_4bit_lora.default
+    return (lambda x2: plain(x2, packed, absmax, code, blocksize, rows, lean.wide),
+            lambda x2, *extra: lora(x2, packed, absmax, code, blocksize, rows, lean.wide, *extra))
+
+
 def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
     kernel = getattr(lib, _KERNELS[module.weight.quant_state.quant_type])
-    # quant state, its float32 scales, packed weight, fusable, in the panels' layout
-    kept: list = [None, None, None, False, False]
+    # quant state, its float32 scales, packed weight, fusable, in the panels' layout, and the
+    # fused kernel's two calls bound to them (`_calls`)
+    kept: list = [None, None, None, False, False, ()]
 
     def state(qs) -> list:
         """What the current weight's products need, made again when a new weight (e.g. loaded
@@ -176,33 +192,28 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
                 module.register_buffer("lean_absmax", absmax, persistent=False)
             # .data: a plain tensor; Params4bit would route the kernel call through its Python
             # __torch_function__ (a few us, 210 times a step).
-            kept[:] = [qs, absmax, module.weight.data, _fusable(qs), panels]
+            kept[:] = [qs, absmax, module.weight.data, _fusable(qs), panels,
+                       _calls(qs, absmax, module.weight.data, panels, lean)]
         return kept
 
     state(module.weight.quant_state)  # now, not at the first request
 
-    def fused(op: str, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor | None:
-        """The fused-kernel op `op` ("linear_4bit" or "linear_4bit_lora", in the weight's
-        layout) on `x`, or None where the kernel does not take it: more rows than
-        `fused_rows`, or a layout it does not read."""
+    def fused(lora: int, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor | None:
+        """The fused kernel on `x` (with the LoRA term of `extra` if `lora`), or None where it
+        does not take it: more rows than `fused_rows`, or a layout it does not read."""
         qs = module.weight.quant_state
+        st = kept if kept[0] is qs else state(qs)
         rows, cols = qs.shape
-        _, absmax, packed, fusable, panels = state(qs)
-        if not fusable or x.numel() > lean.fused_rows * cols:
+        if not st[3] or x.numel() > lean.fused_rows * cols:
             return None
-        x2 = x.reshape(-1, cols).contiguous()
-        if panels:
-            out = getattr(torch.ops.loramux, op.replace("4bit", "4bit_panels"))(
-                x2, packed, absmax, qs.code, qs.blocksize, rows, *extra)
-        else:
-            out = getattr(torch.ops.loramux, op)(x2, packed, absmax, qs.code, qs.blocksize, rows, lean.wide, *extra)
-        return out.view(*x.shape[:-1], rows)
+        out = st[5][lora](x.reshape(-1, cols).contiguous(), *extra)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], rows)
 
     def dense(x: torch.Tensor) -> torch.Tensor:
         """Dequantize into this thread's scratch, then MKL's matmul (bitsandbytes' way)."""
         qs = module.weight.quant_state
         rows, cols = qs.shape
-        _, absmax, packed, _, panels = state(qs)
+        _, absmax, packed, _, panels, _ = state(qs)
         weight = _scratch.get("weight", rows * cols).view(rows, cols)
         if panels:
             torch.ops.loramux.dequantize_panels(packed, absmax, qs.code, qs.blocksize, rows, weight)
@@ -223,7 +234,7 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
             torch.ops.loramux.dequantize_panels(module.weight.data, kept[1], qs.code, qs.blocksize, qs.shape[0],
                                                 weight)
             return F.linear(x.to(torch.float32), weight, module.bias).to(x.dtype)
-        out = fused("linear_4bit", x)
+        out = fused(0, x)
         if out is not None:
             if module.bias is not None:
                 out += module.bias
@@ -236,7 +247,7 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
         A bias would be added after the term, where PEFT adds it before: such layers say None."""
         if module.bias is not None or not plain_input(x):
             return None
-        return fused("linear_4bit_lora", x, *lora)
+        return fused(1, x, *lora)
 
     lean.with_lora[module] = with_lora
     return forward
