@@ -167,34 +167,27 @@ constexpr int kGroup = 4;
     for (; j + J <= g.rank; j += J) dots<G, J>(x, w + j * a.K, a.K, a.scaling[g.slot], h + j, g.rank);\
     for (; j < g.rank; ++j) dots<G, 1>(x, w + j * a.K, a.K, a.scaling[g.slot], h + j, g.rank);\
   }                                                                                           \
-  /* y[i][n, n + U vectors) += h[i] B^T for G rows: each B^T vector loaded once for the rows */\
-  template <int G, int U>                                                                     \
-  inline void up_block(float* const* y, const float* w, int64_t N, int64_t n, const float* h, int64_t rank) {\
-    Vec acc[G][U];                                                                            \
-    for (int i = 0; i < G; ++i)                                                               \
-      for (int u = 0; u < U; ++u) acc[i][u] = load(y[i] + n + u * kLanes);                    \
-    for (int64_t j = 0; j < rank; ++j)                                                        \
-      for (int u = 0; u < U; ++u) {                                                           \
-        const Vec b = load(w + j * N + n + u * kLanes);                                       \
-        for (int i = 0; i < G; ++i) acc[i][u] = fma(bcast(h[i * rank + j]), b, acc[i][u]);    \
-      }                                                                                       \
-    for (int i = 0; i < G; ++i)                                                               \
-      for (int u = 0; u < U; ++u) store(y[i] + n + u * kLanes, acc[i][u]);                    \
-  }                                                                                           \
-  /* y[row i][n0, n1) += h[i] B^T for the group's G rows, U vectors of outputs at a time */   \
+  /* y[row i][n0, n1) += h[i] B^T for the group's G rows, one rank row of B^T after another: */ \
+  /* the slot's rank rows are adjacent, so over a whole row of outputs they are read as one */ \
+  /* stream (column blocks across the rank rows read it as rank short streams: ~20 GB/s against */ \
+  /* ~30 on this VM); each output still takes its terms in rank order, into y in L1 */        \
   template <int G>                                                                            \
   inline void lora_up(const LoraArgs& a, const Group& g, const int64_t* rows, const float* h, \
                       int64_t n0, int64_t n1) {                                               \
-    constexpr int U = G >= 3 ? 2 : 8 / G;                                                     \
-    const float* w = a.bt + g.slot * a.R * a.N;                                               \
     float* y[G];                                                                              \
     for (int i = 0; i < G; ++i) y[i] = a.y + rows[i] * a.N;                                   \
-    int64_t n = n0;                                                                           \
-    for (; n + U * kLanes <= n1; n += U * kLanes) up_block<G, U>(y, w, a.N, n, h, g.rank);    \
-    for (; n + kLanes <= n1; n += kLanes) up_block<G, 1>(y, w, a.N, n, h, g.rank);            \
-    for (; n < n1; ++n)                                                                       \
-      for (int i = 0; i < G; ++i)                                                             \
-        for (int64_t j = 0; j < g.rank; ++j) y[i][n] += h[i * g.rank + j] * w[j * a.N + n];   \
+    for (int64_t j = 0; j < g.rank; ++j) {                                                    \
+      const float* b = a.bt + (g.slot * a.R + j) * a.N;                                       \
+      Vec hv[G];                                                                              \
+      for (int i = 0; i < G; ++i) hv[i] = bcast(h[i * g.rank + j]);                           \
+      int64_t n = n0;                                                                         \
+      for (; n + kLanes <= n1; n += kLanes) {                                                 \
+        const Vec bv = load(b + n);                                                           \
+        for (int i = 0; i < G; ++i) store(y[i] + n, fma(hv[i], bv, load(y[i] + n)));          \
+      }                                                                                       \
+      for (; n < n1; ++n)                                                                     \
+        for (int i = 0; i < G; ++i) y[i][n] += h[i * g.rank + j] * b[n];                      \
+    }                                                                                         \
   }                                                                                           \
   /* the down (`up` false) or up products of one group, [n0, n1) of the outputs for up */      \
   inline void lora_part(const LoraArgs& a, const Group& g, const int64_t* order, float* h, bool up, \
@@ -218,42 +211,41 @@ constexpr int kGroup = 4;
       }                                                                                       \
     });                                                                                       \
   }                                                                                           \
-  /* a product over `nt` output tiles of `width` columns (`tiles(t0, t1, buf)`, a buffer of */  \
-  /* `bufsize` floats per thread) and lora_run's term in one parallel region: every row's h */   \
-  /* first (split by groups; each output column needs all of them), then each thread's tiles */ \
-  /* and the LoRA term over the same output columns, while they are still in its cache */     \
+  /* a product over `nt` output tiles (`tiles(t0, t1, buf)`, a buffer of `bufsize` floats */ \
+  /* per thread) and lora_run's term in one parallel region: each thread's tiles and the h of */ \
+  /* its share of the groups; once every tile is there, the term of those groups over every */ \
+  /* column (a slot's B^T read as one stream, as in lora_run; split by columns, each thread */  \
+  /* read every slot's rank rows in short pieces, ~1.3x slower on SmolLM2's shapes) */         \
   template <class Tiles>                                                                      \
-  void fused_tiles(int64_t nt, int64_t width, int64_t bufsize, const LoraArgs& l,             \
-                   const std::vector<Group>& groups, const int64_t* order, const Tiles& tiles) { \
-    const int64_t N = l.N, ng = static_cast<int64_t>(groups.size());                          \
+  void fused_tiles(int64_t nt, int64_t bufsize, const LoraArgs& l, const std::vector<Group>& groups, \
+                   const int64_t* order, const Tiles& tiles) {                                \
+    const int64_t ng = static_cast<int64_t>(groups.size());                                   \
     int64_t M = 0;                                                                            \
     for (const Group& g : groups) M = std::max(M, g.first + g.count);                         \
     std::vector<float> bufs(omp_get_max_threads() * bufsize), hs(std::max<int64_t>(1, M * l.R)); \
-    auto down = [&](int64_t g0, int64_t g1) {                                                 \
-      for (int64_t t = g0; t < g1; ++t) lora_part(l, groups[t], order, hs.data() + groups[t].first * l.R, false, 0, 0); \
-    };                                                                                        \
-    auto rest = [&](int64_t t0, int64_t t1, float* buf) {                                     \
-      tiles(t0, t1, buf);                                                                     \
-      const int64_t n0 = std::min(N, t0 * width), n1 = std::min(N, t1 * width);               \
-      for (const Group& g : groups) lora_part(l, g, order, hs.data() + g.first * l.R, true, n0, n1); \
+    auto term = [&](int64_t g0, int64_t g1, bool up) {                                        \
+      for (int64_t t = g0; t < g1; ++t)                                                       \
+        lora_part(l, groups[t], order, hs.data() + groups[t].first * l.R, up, 0, l.N);        \
     };                                                                                        \
     if (omp_in_parallel() || omp_get_max_threads() == 1) {                                    \
-      down(0, ng);                                                                            \
-      return rest(0, nt, bufs.data());                                                        \
+      tiles(0, nt, bufs.data());                                                              \
+      term(0, ng, false);                                                                     \
+      return term(0, ng, true);                                                               \
     }                                                                                         \
     _Pragma("omp parallel")                                                                   \
     {                                                                                         \
       const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();                  \
-      const int64_t gc = (ng + team - 1) / team, g0 = std::min(ng, id * gc);                  \
-      down(g0, std::min(ng, g0 + gc));                                                        \
-      _Pragma("omp barrier")                                                                  \
+      const int64_t gc = (ng + team - 1) / team, g0 = std::min(ng, id * gc), g1 = std::min(ng, g0 + gc); \
       const int64_t tc = (nt + team - 1) / team, t0 = std::min(nt, id * tc);                  \
-      rest(t0, std::min(nt, t0 + tc), bufs.data() + id * bufsize);                            \
+      tiles(t0, std::min(nt, t0 + tc), bufs.data() + id * bufsize);                           \
+      term(g0, g1, false);                                                                    \
+      _Pragma("omp barrier")                                                                  \
+      term(g0, g1, true);                                                                     \
     }                                                                                         \
   }                                                                                           \
   void fused_run(const Args& a, const LoraArgs& l, const std::vector<Group>& groups, const int64_t* order) { \
     const int64_t tile = tile_rows(a.K);                                                      \
-    fused_tiles((a.N + tile - 1) / tile, tile, tile * a.K, l, groups, order,                  \
+    fused_tiles((a.N + tile - 1) / tile, tile * a.K, l, groups, order,                        \
                 [&](int64_t t0, int64_t t1, float* buf) { tiles(a, t0, t1, buf); });          \
   }
 
@@ -390,7 +382,7 @@ void panel_run(const PanelArgs& a) {
 }
 
 void panel_fused_run(const PanelArgs& a, const LoraArgs& l, const std::vector<Group>& groups, const int64_t* order) {
-  fused_tiles(a.N / kPanel, kPanel, a.K * kPanel, l, groups, order,
+  fused_tiles(a.N / kPanel, a.K * kPanel, l, groups, order,
               [&](int64_t p0, int64_t p1, float* buf) { panels(a, p0, p1, buf); });
 }
 LORAMUX_ISA_END
