@@ -9,8 +9,8 @@
 // sizes in any GEMM. AVX2 and AVX-512 builds of the same loops; the caller picks one.
 //
 // Also `lora_rows`: a decode step's LoRA term for every row and adapter in one call (below),
-// and `linear_4bit_lora`: both in one parallel region, the term added to each thread's
-// output columns while they are in its cache. On AVX2 the weight is first rewritten into
+// and `linear_4bit_lora`: both in one parallel region (one fork and join, the term's h
+// computed beside the product). On AVX2 the weight is first rewritten into
 // the panels' layout (`panels_4bit`, below; the same bytes reordered), whose outer-product
 // kernel (`linear_4bit_panels`, `linear_4bit_panels_lora`) replaces the row tiles' dot products.
 #include <ATen/ATen.h>
@@ -556,8 +556,8 @@ void lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, co
   if (wide) avx512::lora_run(args, groups, order.data()); else avx2::lora_run(args, groups, order.data());
 }
 
-// linear_4bit(x, ...) + the LoRA term lora_rows adds, in one pass over the output (the same
-// sums in the same order: the same numbers as the two calls).
+// linear_4bit(x, ...) + the LoRA term lora_rows adds, in one parallel region (the same sums
+// in the same order: the same numbers as the two calls).
 at::Tensor linear_4bit_lora(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                             const at::Tensor& code, int64_t blocksize, int64_t N, bool wide, const at::Tensor& a,
                             const at::Tensor& bt, const at::Tensor& scaling, const at::Tensor& slots,
@@ -573,7 +573,7 @@ at::Tensor linear_4bit_lora(const at::Tensor& x, const at::Tensor& packed, const
   return out;
 }
 
-// linear_4bit_panels + lora_rows' term in one pass over the output, as linear_4bit_lora.
+// linear_4bit_panels + lora_rows' term in one parallel region, as linear_4bit_lora.
 at::Tensor linear_4bit_panels_lora(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                    const at::Tensor& code, int64_t blocksize, int64_t N, const at::Tensor& a,
                                    const at::Tensor& bt, const at::Tensor& scaling, const at::Tensor& slots,
