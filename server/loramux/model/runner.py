@@ -24,6 +24,7 @@ from loramux.model.attention import NAME as ATTENTION
 from loramux.model.attention import use_decode_kernel
 from loramux.model.calibrate import dense_head_rows, forward_cost_tokens, fused_4bit_rows, lora_costs
 from loramux.model.head import DenseHead
+from loramux.model.norm import lean_norms
 from loramux.model.quant import lean_4bit
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,8 @@ class Runner:
         self.tokenizer = tokenizer
         self.device = device
         self.lean = lean_4bit(model, fused_4bit)  # before wrapping: the LoRA layers call the base layers' forward
+        if device.type == "cpu" and dtype == torch.float32:
+            lean_norms(model)
         # Decode steps' LoRA term in one kernel call per layer where it runs.
         cpu_kernels = device.type == "cpu" and dtype == torch.float32 and kernels.load()
         kernel = kernels.isa() if fused_lora and cpu_kernels else None

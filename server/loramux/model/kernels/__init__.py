@@ -2,8 +2,8 @@
 the ops `torch.ops.loramux.linear_4bit` (the fused 4-bit product), `lora_rows` (a decode
 step's LoRA term), `linear_4bit_lora` (both in one call), their AVX2 forms over the
 panels' layout (`panels_4bit`, `linear_4bit_panels[_lora]`, `dequantize_panels`;
-`linear_4bit.cpp`) and
-`decode_attention` (a decode step's attention; `attention.cpp`).
+`linear_4bit.cpp`), `decode_attention` (a decode step's attention; `attention.cpp`) and
+`rms_norm` (Llama's RMSNorm in one call; `norm.cpp`).
 
 Built with the system's C++ compiler against the installed torch (about 30 s on 2 cores),
 into the loramux cache (`LORAMUX_CACHE`, else `~/.cache/loramux`), under a name that
@@ -35,7 +35,7 @@ from loramux.model.cache import default_cache_dir
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "linear_4bit.cpp", _HERE / "attention.cpp")
+SOURCES = (_HERE / "linear_4bit.cpp", _HERE / "attention.cpp", _HERE / "norm.cpp")
 HEADERS = (_HERE / "common.h",)
 _FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-DNDEBUG"]
 
