@@ -11,6 +11,7 @@ forward.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 
@@ -27,10 +28,9 @@ def _llama_norms() -> tuple[type, ...]:
     classes = []
     for module, name in (("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("qwen2", "Qwen2RMSNorm")):
         try:
-            mod = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[name])
-        except ImportError:
+            classes.append(getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), name))
+        except (ImportError, AttributeError):
             continue
-        classes.append(getattr(mod, name))
     return tuple(classes)
 
 

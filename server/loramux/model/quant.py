@@ -149,14 +149,20 @@ def _panels_fit(qs) -> bool:
 
 def _to_panels(module, qs, absmax: torch.Tensor) -> torch.Tensor:
     """Rewrite `module`'s 4-bit weight in place into the panels' layout (the same bytes,
-    reordered: no second copy of the weight); returns its block scales in that layout."""
+    reordered: no second copy of the weight); returns its block scales in that layout. The
+    quant state remembers it (`loramux_panels`): a weight that another module or a second
+    `lean_4bit` meets again is not reordered twice."""
+    done = getattr(qs, "loramux_panels", None)
+    if done is not None:
+        return done
     with torch.no_grad():  # in place is allowed on either kind of tensor inside inference mode, if on
         packed, scales = torch.ops.loramux.panels_4bit(module.weight.data, absmax, qs.blocksize, qs.shape[0])
         module.weight.data.view(-1).copy_(packed)
-        if qs.nested:
-            return scales
-        qs.absmax.copy_(scales)  # bitsandbytes' own scales, now in the same order as the weight
-        return qs.absmax
+        if not qs.nested:
+            qs.absmax.copy_(scales)  # bitsandbytes' own scales, now in the same order as the weight
+            scales = qs.absmax
+    qs.loramux_panels = scales
+    return scales
 
 
 def _calls(qs, absmax: torch.Tensor, packed: torch.Tensor, panels: bool, lean: Lean4bit) -> tuple[Callable, Callable]:
@@ -209,18 +215,16 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
         out = st[5][lora](x.reshape(-1, cols).contiguous(), *extra)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], rows)
 
-    def dense(x: torch.Tensor) -> torch.Tensor:
-        """Dequantize into this thread's scratch, then MKL's matmul (bitsandbytes' way)."""
+    def dequantized(weight: torch.Tensor) -> torch.Tensor:
+        """The float32 weight, written into `weight` [rows, cols] (bitsandbytes' dequantize)."""
         qs = module.weight.quant_state
-        rows, cols = qs.shape
         _, absmax, packed, _, panels, _ = state(qs)
-        weight = _scratch.get("weight", rows * cols).view(rows, cols)
         if panels:
-            torch.ops.loramux.dequantize_panels(packed, absmax, qs.code, qs.blocksize, rows, weight)
+            torch.ops.loramux.dequantize_panels(packed, absmax, qs.code, qs.blocksize, qs.shape[0], weight)
         else:
             kernel(_ptr(packed), _ptr(absmax), _ptr(weight), ctypes.c_longlong(qs.blocksize),
-                   ctypes.c_longlong(rows), ctypes.c_longlong(cols))
-        return F.linear(x, weight, module.bias)
+                   ctypes.c_longlong(qs.shape[0]), ctypes.c_longlong(qs.shape[1]))
+        return weight
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not plain_input(x):
@@ -229,17 +233,16 @@ def _lean_forward(module, fallback: Callable, lib, lean: Lean4bit) -> Callable:
             # bitsandbytes' forward cannot read the panels' layout: its own steps (input in the
             # compute dtype, output back in the input's), on a weight dequantized afresh, so
             # that gradients to x flow through F.linear.
-            qs = module.weight.quant_state
-            weight = torch.empty(qs.shape, dtype=torch.float32)
-            torch.ops.loramux.dequantize_panels(module.weight.data, kept[1], qs.code, qs.blocksize, qs.shape[0],
-                                                weight)
+            weight = dequantized(torch.empty(module.weight.quant_state.shape, dtype=torch.float32))
             return F.linear(x.to(torch.float32), weight, module.bias).to(x.dtype)
         out = fused(0, x)
         if out is not None:
             if module.bias is not None:
                 out += module.bias
             return out
-        return dense(x)
+        # Dequantize into this thread's scratch, then MKL's matmul (bitsandbytes' way).
+        rows, cols = module.weight.quant_state.shape
+        return F.linear(x, dequantized(_scratch.get("weight", rows * cols).view(rows, cols)), module.bias)
 
     def with_lora(x: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor | None:
         """`forward(x)` plus `lora_rows`' term (its arguments `a, bt, scaling, slots, ranks`) in
