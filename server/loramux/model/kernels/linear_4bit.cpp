@@ -126,7 +126,7 @@ struct LoraArgs {
   const float* a;
   const float* bt;
   const float* scaling;
-  int64_t K, N, R;  // R: rank rows per slot in a and bt
+  int64_t M, K, N, R;  // M: rows of x; R: rank rows per slot in a and bt
 };
 
 struct Group {
@@ -220,9 +220,7 @@ constexpr int kGroup = 4;
   void fused_tiles(int64_t nt, int64_t bufsize, const LoraArgs& l, const std::vector<Group>& groups, \
                    const int64_t* order, const Tiles& tiles) {                                \
     const int64_t ng = static_cast<int64_t>(groups.size());                                   \
-    int64_t M = 0;                                                                            \
-    for (const Group& g : groups) M = std::max(M, g.first + g.count);                         \
-    std::vector<float> bufs(omp_get_max_threads() * bufsize), hs(std::max<int64_t>(1, M * l.R)); \
+    std::vector<float> bufs(omp_get_max_threads() * bufsize), hs(std::max<int64_t>(1, l.M * l.R)); \
     auto term = [&](int64_t g0, int64_t g1, bool up) {                                        \
       for (int64_t t = g0; t < g1; ++t)                                                       \
         lora_part(l, groups[t], order, hs.data() + groups[t].first * l.R, up, 0, l.N);        \
@@ -542,7 +540,7 @@ LoraArgs lora_args(const at::Tensor& x, float* y, int64_t N, const at::Tensor& a
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK(rk[s] >= 0 && rk[s] <= R, "rank of slot ", s, " out of range");
   groups = lora_groups(slots.data_ptr<int64_t>(), rk, x.size(0), S, order);
   return LoraArgs{x.data_ptr<float>(), y, a.data_ptr<float>(), bt.data_ptr<float>(), scaling.data_ptr<float>(),
-                  x.size(1), N, R};
+                  x.size(0), x.size(1), N, R};
 }
 
 void lora_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& bt,
