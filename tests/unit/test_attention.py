@@ -88,15 +88,21 @@ def call(q4, k, v, mask4, **kwargs):
     return attention.attention(module, q4, k, v, mask4, scaling=0.125, **kwargs)[0]
 
 
-@needs_kernel
-def test_interface_takes_decode_steps_to_the_kernel_and_the_rest_to_sdpa(monkeypatch):
-    q, k, v, mask = inputs(4, 6, 2, 64, 12)
-    q4, mask4 = q[:, :, None], mask[:, None, None, :]
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """The kernel calls that `attention.attention` makes (this CPU's build of the kernel)."""
     monkeypatch.setattr(attention, "_wide", kernels.isa() == "avx512")
-    calls = []
+    made = []
     op = torch.ops.loramux.decode_attention
     monkeypatch.setattr(attention.torch.ops.loramux, "decode_attention",
-                        lambda *a: calls.append(1) or op(*a), raising=False)
+                        lambda *a: made.append(1) or op(*a), raising=False)
+    return made
+
+
+@needs_kernel
+def test_interface_takes_decode_steps_to_the_kernel_and_the_rest_to_sdpa(calls):
+    q, k, v, mask = inputs(4, 6, 2, 64, 12)
+    q4, mask4 = q[:, :, None], mask[:, None, None, :]
     with torch.inference_mode():
         got = call(q4, k, v, mask4)
         assert calls and got.shape == (4, 1, 6, 64)
@@ -112,6 +118,24 @@ def test_interface_takes_decode_steps_to_the_kernel_and_the_rest_to_sdpa(monkeyp
     q4.requires_grad_(True)
     call(q4, k, v, mask4)  # gradients wanted
     assert not calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("past, new", [(5, 7), (0, 13), (40, 1 + 2)])
+def test_one_rows_prompt_takes_the_kernel_position_by_position(calls, past, new):
+    """A prompt after its cached prefix (a mixed step's rider): one row, a boolean mask per
+    query position; each position equals attention over the keys its mask row allows."""
+    g = torch.Generator().manual_seed(past + new)
+    k, v = (torch.randn(1, 2, past + new + 6, 64, generator=g)[:, :, 3:3 + past + new] for _ in range(2))
+    q4 = torch.randn(1, 6, new + 8, 64, generator=g)[:, :, 4:4 + new]  # a slice, as a rider's is
+    seen = torch.arange(past + new).view(1, -1)
+    causal = (seen <= torch.arange(past, past + new).view(-1, 1))[None, None]
+    with torch.inference_mode():
+        got = call(q4, k, v, causal)
+    assert calls and got.shape == (1, new, 6, 64)
+    for t in range(new):
+        want = reference(q4[:, :, t], k, v, causal[:, 0, t], 0.125)
+        torch.testing.assert_close(got[:, t].double(), want, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
