@@ -81,6 +81,28 @@ def test_rows_joining_and_leaving_keep_each_row_its_own(runner, monkeypatch, roo
     assert_as_alone(got, want)
 
 
+@pytest.mark.parametrize("room", [(64, 64), (0, 1)], ids=["default-room", "relayout-every-step"])
+def test_no_unwritten_column_is_ever_exposed(runner, monkeypatch, room):
+    """Buffers come unwritten (here: NaN, as memory may hold anything): every column the model
+    sees is a written key or value, or zero padding (SDPA reads padding: 0 x NaN is NaN)."""
+    monkeypatch.setattr(runner_mod, "LEFT_ROOM", room[0])
+    monkeypatch.setattr(runner_mod, "RIGHT_ROOM", room[1])
+    empty = runner_mod.Batch._empty
+    monkeypatch.setattr(runner_mod.Batch, "_empty", lambda self, r, c: tuple(t.fill_(float("nan"))
+                                                                           for t in empty(self, r, c)))
+    batch, rows, got = None, [], {name: ([], []) for name in PROMPTS}
+    for step in range(40):
+        batch, rows = join_and_leave(runner, batch, rows, PROMPTS, step, got)
+        if batch is None:
+            continue
+        batch.step_mask()  # the step's own column is written by the step itself
+        for layer in batch.cache.layers:
+            assert torch.isfinite(layer.buf_k[: batch.n, :, batch.lo : batch.hi]).all(), step
+            assert torch.isfinite(layer.buf_v[: batch.n, :, batch.lo : batch.hi]).all(), step
+        record(got, rows, runner.decode(batch, [got[name][0][-1] for name in rows]))
+    assert all(len(got[name][0]) == n for name, (_, n, _) in PROMPTS.items())
+
+
 def test_removing_rows_moves_the_last_rows_into_the_gaps(runner, monkeypatch):
     monkeypatch.setattr(runner_mod, "RIGHT_ROOM", 0)  # the decode step re-lays the buffers out
     prompts = [ids(runner, t) for t in (b"r0", b"row one", b"r2", b"row three", b"r4")]

@@ -108,9 +108,13 @@ class Batch:
         return self.n
 
     def _empty(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers left unwritten: a column is exposed only once written by a step or a join,
+        or zeroed by `append` as padding. Zero-filling them at each relayout wrote the whole
+        buffers (~0.9 GB for 32 rows of ~350 tokens on SmolLM2: 40 ms, ~350 ms in fresh pages)
+        for the few rows a young batch holds."""
         heads, dim = self._shape
         z = {"dtype": self._dtype, "device": self._device}
-        return torch.zeros(rows, heads, cols, dim, **z), torch.zeros(rows, heads, cols, dim, **z)
+        return torch.empty(rows, heads, cols, dim, **z), torch.empty(rows, heads, cols, dim, **z)
 
     def _relayout(self, rows: int, left: int) -> None:
         """Move the live window into new buffers of `rows` rows with `left` free columns
@@ -140,15 +144,21 @@ class Batch:
         if self.n + k > rows or self.hi - width < 0:  # rows grow geometrically, only when short
             rows = rows if self.n + k <= rows else max(self.n + k, 2 * rows, 8, want)
             self._relayout(rows, max(width - (self.hi - self.lo), 0) + LEFT_ROOM)
-        start, new = self.hi - width, slice(self.n, self.n + k)
-        if start < self.lo:  # the window widens left: those columns are padding for old rows
-            self.mask[: self.n, start : self.lo] = 0
+        start, new, old = self.hi - width, slice(self.n, self.n + k), slice(0, self.n)
+        widen = slice(start, self.lo) if start < self.lo else None  # padding for the old rows
+        if widen is not None:
+            self.mask[old, widen] = 0
             self.lo = start
-        self.mask[new, self.lo : self.hi] = 0
+        pad = slice(self.lo, start)  # padding for the new rows
+        self.mask[new, pad] = 0
         self.mask[new, start : self.hi] = group.mask
         for layer, (gk, gv) in zip(self.cache.layers, group.kv, strict=True):
-            layer.buf_k[new, :, start : self.hi] = gk
-            layer.buf_v[new, :, start : self.hi] = gv
+            for buf, g in ((layer.buf_k, gk), (layer.buf_v, gv)):
+                buf[new, :, start : self.hi] = g
+                # Masked, but finite: attention that reads every column (SDPA) takes 0 x NaN to NaN.
+                buf[new, :, pad] = 0
+                if widen is not None:
+                    buf[old, :, widen] = 0
         self.n += k
         self.next_pos += group.next_pos
         self.slots += group.slots
