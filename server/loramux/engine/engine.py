@@ -374,7 +374,6 @@ class Engine:
         for row in riders:
             row.past = None
         for i, (row, group) in enumerate(zip(riders, groups, strict=True)):
-            self._remember([row], group)
             self._first_tokens([row], first[i:i + 1], group)
         now, outbox = time.monotonic(), Outbox()
         try:
@@ -382,6 +381,9 @@ class Engine:
                         if self._emit_token(row, token, now, outbox, lp)]
         finally:
             outbox.flush()
+        # Every token of the step is out first: caching copies each rider's keys and values.
+        for row, group in zip(riders, groups, strict=True):
+            self._remember([row], group)
         if finished:
             self._remove(finished)
 
@@ -540,8 +542,8 @@ class Engine:
         for row in rows:
             row.past = None  # copied into the group: the cache may evict it now
         if out is not None:
+            self._first_tokens(rows, *out)  # streamed before the prompts' keys and values are copied
             self._remember(rows, out[1])
-            self._first_tokens(rows, *out)
 
     def _remember(self, rows: list[Row], group: Group) -> None:
         """Cache the prompts' keys and values just computed, for prompts that start the same way."""
