@@ -249,7 +249,7 @@ class Runner:
             # as a contiguous input (~50 of a ~450 ms prefill of 8 prompts on SmolLM2).
             head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
         self.head = DenseHead(head)  # oneDNN for the head's product where `calibrate` finds it faster
-        # Decode steps' attention in one kernel call per layer (prompts keep SDPA).
+        # Decode steps' and riders' attention in one kernel call per layer (batched prompts keep SDPA).
         self.attention_kernel = bool(fused_attention and cpu_kernels and use_decode_kernel(model, kernels.isa()))
         # What one more prefill forward costs, in prompt tokens (`calibrate` measures it):
         # on a CPU a forward's fixed cost is dequantizing every layer and Python; on an
