@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.model import attention, kernels
+from loramux.model import attention, kernels, mixed
 
 ISAS = [isa for isa in ("avx2", "avx512") if kernels.isa() == "avx512" or isa == kernels.isa()]
 needs_kernel = pytest.mark.skipif(not ISAS or not kernels.load(), reason="no AVX2 or no C++ compiler: no kernel")
@@ -128,8 +128,7 @@ def test_one_rows_prompt_takes_the_kernel_position_by_position(calls, past, new)
     g = torch.Generator().manual_seed(past + new)
     k, v = (torch.randn(1, 2, past + new + 6, 64, generator=g)[:, :, 3:3 + past + new] for _ in range(2))
     q4 = torch.randn(1, 6, new + 8, 64, generator=g)[:, :, 4:4 + new]  # a slice, as a rider's is
-    seen = torch.arange(past + new).view(1, -1)
-    causal = (seen <= torch.arange(past, past + new).view(-1, 1))[None, None]
+    causal = mixed.causal(past, past + new, torch.device("cpu"))  # as a mixed step makes it
     with torch.inference_mode():
         got = call(q4, k, v, causal)
     assert calls and got.shape == (1, new, 6, 64)

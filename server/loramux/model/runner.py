@@ -144,21 +144,19 @@ class Batch:
         if self.n + k > rows or self.hi - width < 0:  # rows grow geometrically, only when short
             rows = rows if self.n + k <= rows else max(self.n + k, 2 * rows, 8, want)
             self._relayout(rows, max(width - (self.hi - self.lo), 0) + LEFT_ROOM)
-        start, new, old = self.hi - width, slice(self.n, self.n + k), slice(0, self.n)
-        widen = slice(start, self.lo) if start < self.lo else None  # padding for the old rows
-        if widen is not None:
-            self.mask[old, widen] = 0
-            self.lo = start
-        pad = slice(self.lo, start)  # padding for the new rows
-        self.mask[new, pad] = 0
+        start, new = self.hi - width, slice(self.n, self.n + k)
+        # Padding this join exposes unwritten, as (rows, columns): the old rows' columns when
+        # the window widens left, else the new rows' columns left of their tokens.
+        pad = (slice(0, self.n), slice(start, self.lo)) if start < self.lo else (new, slice(self.lo, start))
+        self.lo = min(self.lo, start)
+        self.mask[pad] = 0
         self.mask[new, start : self.hi] = group.mask
+        zero = pad[0].stop > pad[0].start and pad[1].stop > pad[1].start
         for layer, (gk, gv) in zip(self.cache.layers, group.kv, strict=True):
             for buf, g in ((layer.buf_k, gk), (layer.buf_v, gv)):
                 buf[new, :, start : self.hi] = g
-                # Masked, but finite: attention that reads every column (SDPA) takes 0 x NaN to NaN.
-                buf[new, :, pad] = 0
-                if widen is not None:
-                    buf[old, :, widen] = 0
+                if zero:  # masked, but finite: attention that reads every column (SDPA) takes 0 x NaN to NaN
+                    buf[pad[0], :, pad[1]] = 0
         self.n += k
         self.next_pos += group.next_pos
         self.slots += group.slots
