@@ -71,6 +71,69 @@ def test_a_row_attending_to_nothing_gets_zeros(isa):
     assert torch.isfinite(got).all()
 
 
+def sharing(k, v, mask, lead, shared):
+    """Make each row's first `shared` attended positions hold its lead row's keys and values
+    (at the row's own columns: rows are padded differently), as rows whose prefix came from
+    the same cached blocks hold them."""
+    for b, (first, n) in enumerate(zip(lead, shared, strict=True)):
+        if first != b:
+            mine, theirs = mask[b].nonzero()[:n, 0], mask[first].nonzero()[:n, 0]
+            k[b, :, mine], v[b, :, mine] = k[first, :, theirs], v[first, :, theirs]
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("teams", [
+    ([0, 0, 0, 3, 3, 5, 0, 3, 8], [40, 40, 40, 13, 13, 0, 40, 13, 0]),  # teams of 4, 3, and rows alone
+    ([0] * 11, [21] * 11),  # longer than kMaxRows: split, each part still shares
+    ([0, 0, 2], [500, 500, 0]),  # more than a row attends to: as much as every member has
+])
+def test_rows_sharing_a_prefix_equal_rows_alone(isa, threads, teams):
+    lead, shared = teams
+    q, k, v, mask = inputs(len(lead), 9, 3, 64, 120, seed=len(lead))
+    k, v = k.clone(), v.clone()
+    sharing(k, v, mask, lead, [min(n, int(mask[b].sum())) for b, n in enumerate(shared)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alone = torch.ops.loramux.decode_attention(q, k, v, mask, 0.125, isa == "avx512")
+        together = torch.ops.loramux.decode_attention(q, k, v, mask, 0.125, isa == "avx512",
+                                                      torch.tensor(lead, dtype=torch.int32),
+                                                      torch.tensor(shared, dtype=torch.int32))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(together.double(), reference(q, k, v, mask, 0.125), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_reads_the_shared_prefix_from_the_lead_row():
+    """A member's own copy of the prefix is not read: wrong data there changes nothing; wrong
+    data after the prefix does (each row's own positions are still its own)."""
+    q, k, v, mask = inputs(4, 9, 3, 64, 60)
+    mask[:, :20] = True
+    lead, shared = torch.tensor([0, 0, 0, 0], dtype=torch.int32), torch.tensor([20] * 4, dtype=torch.int32)
+    k, v = k.clone(), v.clone()
+    sharing(k, v, mask, lead.tolist(), [20] * 4)
+    before = torch.ops.loramux.decode_attention(q, k, v, mask, 0.125, False, lead, shared)
+    k[1:, :, :20] = 1e6
+    assert torch.equal(torch.ops.loramux.decode_attention(q, k, v, mask, 0.125, False, lead, shared), before)
+    k[2, :, 30] += 1
+    after = torch.ops.loramux.decode_attention(q, k, v, mask, 0.125, False, lead, shared)
+    assert torch.equal(after[[0, 1, 3]], before[[0, 1, 3]]) and not torch.equal(after[2], before[2])
+
+
+@needs_kernel
+def test_kernel_rejects_teams_it_cannot_form():
+    q, k, v, mask = inputs(3, 6, 2, 64, 10)
+    op = torch.ops.loramux.decode_attention
+    for lead, shared in (([0, 2, 2], [4, 4, 4]), ([0, 0, 1], [4, 4, 4]), ([0, 0, 0], [4, 3, 4])):
+        with pytest.raises(RuntimeError, match="lead"):
+            op(q, k, v, mask, 0.125, False, torch.tensor(lead, dtype=torch.int32),
+               torch.tensor(shared, dtype=torch.int32))
+
+
 @needs_kernel
 def test_kernel_rejects_what_it_cannot_read():
     q, k, v, mask = inputs(2, 6, 2, 64, 10)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loramux.model import attention, kernels
 from loramux.model import runner as runner_mod
 from loramux.model.loader import ModelSpec, load_base
+from loramux.model.prefix import BLOCK
 from loramux.model.runner import Runner, merge
 
 PROMPTS = {  # name: (prompt bytes, new tokens, step at which it joins)
@@ -264,3 +266,46 @@ def test_prompts_prefilled_inside_decode_steps_go_on_as_alone(runner):
             break
         rows = [rows[i] for i in batch.remove(done)] if done else rows
     assert_as_alone(got, want)
+
+
+@pytest.mark.skipif(not kernels.load(), reason="no C++ compiler or AVX2: no attention kernel")
+def test_rows_from_the_same_cached_blocks_decode_as_a_team(runner, monkeypatch):
+    """Rows whose prompts start with copies of the same cache blocks (one prefilled, one in a
+    decode step) form a team: decode attention reads the shared keys and values from the
+    first row's and gives what each row gets alone; rows of other blocks or none stay alone."""
+    prefix = ids(runner, b"A shared instruction of some forty bytes: ")
+    shared = len(prefix) // BLOCK * BLOCK
+    past = runner.row_kv(runner.prefill([prefix], [-1])[1], 0, len(prefix))(0, shared)
+    plan = {"x": (prefix + ids(runner, b"first?"), 6), "z": (ids(runner, b"unrelated"), 6),
+            "y": (prefix + ids(runner, b"and the second"), 5)}
+    want = {name: alone(runner, prompt, n) for name, (prompt, n) in plan.items()}
+    origin = (7, 8)  # block ids: any, as long as both rows name the same
+
+    def run(teams: bool) -> dict:
+        monkeypatch.setattr(runner_mod.Batch, "teams", runner_mod.Batch.teams if teams else lambda self: None)
+        logits, group = runner.prefill([plan["x"][0], plan["z"][0]], [-1, -1], [past, None], [origin, ()])
+        batch, rows, got = merge(None, group), ["x", "z"], {name: ([], []) for name in plan}
+        record(got, rows, logits)
+        logits, first, groups = runner.decode_mixed(batch, [got[n][0][-1] for n in rows], [plan["y"][0]], [-1],
+                                                    [past], [origin])
+        record(got, rows, logits)
+        record(got, ["y"], first)
+        batch, rows = merge(batch, groups[0]), rows + ["y"]
+        if teams:
+            assert [t.tolist() for t in batch.teams()] == [[0, 1, 0], [shared, 0, shared]]
+        while len(got["x"][0]) < 6:
+            record(got, rows, runner.decode(batch, [got[n][0][-1] for n in rows]))
+        return got
+
+    made = []
+    op = torch.ops.loramux.decode_attention
+    monkeypatch.setattr(attention.torch.ops.loramux, "decode_attention",
+                        lambda *a: made.append(len(a) > 6 and a[6] is not None) or op(*a), raising=False)
+    together = run(True)
+    assert any(made)
+    assert_as_alone(together, want)
+    apart = run(False)
+    for name in plan:
+        assert together[name][0] == apart[name][0]
+        for a, b in zip(together[name][1], apart[name][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

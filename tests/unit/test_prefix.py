@@ -95,3 +95,21 @@ def test_parts_follow_eviction_and_forget():
     assert served(cache, "w", list(range(16)) + [50, 51, 0]) == list(range(16))
     cache.forget("x")
     assert served(cache, "w", [3] * 20) == [] and cache.nbytes == 0
+
+
+def test_lookups_name_the_whole_blocks_they_copied():
+    """Two lookups of one prefix name the same blocks (their keys and values are the same
+    numbers); a block made again after an eviction gets a new id; a block's part is not named."""
+    cache = PrefixCache(3 * BLOCK_BYTES, Metrics())
+    prompt = list(range(50))  # 3 full blocks and 2 tokens
+    put(cache, "w", prompt)
+    kv, blocks = cache.lookup_blocks("w", prompt[:36] + [99] * 14)
+    assert len(blocks) == 2 and kv.shape[3] == 36  # 32 of whole blocks, then 4 of block 3's start
+    assert cache.lookup_blocks("w", prompt[:40] + [1])[1] == blocks
+    assert cache.lookup_blocks("w", prompt)[1][:2] == blocks
+    assert cache.lookup_blocks("w", prompt[:20] + [7] * 30)[1] == blocks[:1]
+    assert cache.lookup_blocks("w2", prompt) == (None, ())
+    put(cache, "w", [5] * 49)  # pushes prompt's blocks out
+    put(cache, "w", prompt)
+    again = cache.lookup_blocks("w", prompt)[1]
+    assert len(again) == 3 and not set(again) & set(blocks)

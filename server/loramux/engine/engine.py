@@ -70,6 +70,7 @@ class Row:
     parked: bool = False  # on the shelf: its adapter gave its slot up (no pin held)
     namespace: str = BASE  # the identity of the weights its keys and values are made with
     past: object = None  # keys and values of its prompt's cached prefix, until prefilled
+    origin: tuple[int, ...] = ()  # the ids of the cache blocks `past` starts with (`Group.origins`)
     stuck: bool = False  # its grammar cannot take another token: it ends (LENGTH)
 
     @property
@@ -362,7 +363,7 @@ class Engine:
             if riders:
                 logits, first, groups = self.runner.decode_mixed(
                     self.batch, last, [r.req.prompt_ids for r in riders], [r.slot for r in riders],
-                    [r.past for r in riders])
+                    [r.past for r in riders], [r.origin for r in riders])
             else:
                 logits = self.runner.decode(self.batch, last)
             tokens, logprobs = self._sample(self.rows, logits)
@@ -467,7 +468,8 @@ class Engine:
             row = rows[part[0]]
             if len(part) == 1 and len(row.req.prompt_ids) - row.hit > self._piece and self._partial is None:
                 # One long prompt: a piece now, more each turn (after its cached prefix, if any).
-                self._partial = (row, None if row.past is None else self.runner.group_from_past(row.past, row.slot))
+                past = None if row.past is None else self.runner.group_from_past(row.past, row.slot, row.origin)
+                self._partial = (row, past)
                 row.past = None
                 self._prefill_piece()
             else:
@@ -494,7 +496,7 @@ class Engine:
             return
         for row in rows:
             try:
-                row.past = self.prefix.lookup(row.namespace, row.req.prompt_ids)
+                row.past, row.origin = self.prefix.lookup_blocks(row.namespace, row.req.prompt_ids)
             except Exception:  # e.g. out of memory: a cache is never a reason to fail a request
                 log.exception("prefix cache lookup failed; prefilling the whole prompt")
             row.req.cached_tokens = row.hit
@@ -530,7 +532,8 @@ class Engine:
         """Run the prompts, stream each first token, queue the rows to join the batch."""
         started = time.perf_counter()
         out = self._prefill_step(rows, lambda: self.runner.prefill([r.req.prompt_ids for r in rows],
-                                                                   [r.slot for r in rows], [r.past for r in rows]))
+                                                                   [r.slot for r in rows], [r.past for r in rows],
+                                                                   [r.origin for r in rows]))
         seconds, widest = time.perf_counter() - started, max(len(r.req.prompt_ids) - r.hit for r in rows)
         if out is not None:
             self.pacer.prefilled(len(rows) * widest, seconds)

@@ -7,7 +7,9 @@ them. So does one row's prompt with a boolean mask per position (a mixed step's 
 its cached prefix, `mixed`): each position is a kernel row over the same keys (a stride-0
 view), its mask row saying which it sees; SDPA's path repeated the key/value heads for
 their query heads first (a copy per layer), and on SmolLM2 took 0.56 ms a layer for 40
-positions after 300 cached against the kernel's 0.40-0.52. Anything else (batched prompts,
+positions after 300 cached against the kernel's 0.40-0.52. A decode step's rows whose
+prompts start with copies of the same prefix cache blocks go as teams (`teams`): the
+kernel reads those keys and values once for the team. Anything else (batched prompts,
 prompts without a mask, other devices and dtypes, features the kernel lacks:
 dropout, soft caps, sliding windows, attention sinks, additive masks) goes to transformers'
 own SDPA function, unchanged. Masks are built as for SDPA (boolean, true where a row
@@ -22,6 +24,9 @@ cached positions and ~41 ms at 370, the kernel ~4 and ~17 (the bytes of keys and
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
@@ -36,6 +41,19 @@ log = logging.getLogger(__name__)
 NAME = "loramux_decode"
 _UNSUPPORTED = ("softcap", "sliding_window", "position_bias", "s_aux", "sinks")
 _wide = False  # the kernel build this CPU runs (set by `use_decode_kernel`)
+_step = threading.local()  # the decode rows' teams (`teams`) during a forward of this thread
+
+
+@contextmanager
+def teams(plan: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+    """During a forward: the decode rows' teams, (lead, shared) int32 [rows] (`Batch.teams`):
+    rows that share their first shared[b] positions' keys and values with row lead[b], which
+    the kernel reads once for the whole team."""
+    _step.plan = plan
+    try:
+        yield
+    finally:
+        _step.plan = None
 
 
 def use_decode_kernel(model, isa: str) -> bool:
@@ -82,8 +100,10 @@ def _attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     mask = None if attention_mask is None else attention_mask[:, 0, 0, :].expand(rows, -1)
     if mask is not None and mask.stride(-1) != 1:
         mask = mask.contiguous()
+    plan = getattr(_step, "plan", None)
+    lead, shared = plan if plan is not None and plan[0].shape[0] == rows else (None, None)
     out = torch.ops.loramux.decode_attention(query.reshape(rows, heads, dim).contiguous(), key, value,
-                                              mask, scale, _wide)
+                                              mask, scale, _wide, lead, shared)
     return out.view(rows, 1, heads, dim), None
 
 

@@ -86,6 +86,13 @@ class PrefixCache:
         """Keys and values of the longest cached prefix of `tokens` ([layers, 2, kv_heads,
         n, head_dim]), or None. The last token is never served: its logits are needed, so
         at least one token is always prefilled."""
+        return self.lookup_blocks(namespace, tokens)[0]
+
+    def lookup_blocks(self, namespace: str, tokens: list[int]) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+        """`lookup`, and the ids of the whole blocks the keys and values start with: rows
+        whose prefixes came from the same blocks hold the same numbers there (a block never
+        changes; a block made again gets a new id), which decode attention reads once for
+        all of them (`Batch.teams`)."""
         with self._lock:
             chain = self._chain(namespace, tokens, (len(tokens) - 1) // BLOCK)
             part, n = self._part(tokens, chain)
@@ -94,9 +101,9 @@ class PrefixCache:
         parts = [block.kv for _, block in chain] + ([part[1].kv[:, :, :, :n]] if n else [])
         self.metrics.prefix_cache_query_tokens.inc(len(tokens))
         if not parts:
-            return None
+            return None, ()
         self.metrics.prefix_cache_hit_tokens.inc(len(chain) * BLOCK + n)
-        return torch.cat(parts, dim=3)
+        return torch.cat(parts, dim=3), tuple(block.id for _, block in chain)
 
     def peek(self, namespace: str, tokens: list[int]) -> int:
         """How many tokens `lookup` would serve now (no block touched, nothing counted)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -21,10 +21,11 @@ from transformers.cache_utils import DynamicLayer
 from loramux.lora.layers import attach_stacked_lora, slot_memory
 from loramux.model import kernels, mixed
 from loramux.model.attention import NAME as ATTENTION
-from loramux.model.attention import use_decode_kernel
+from loramux.model.attention import teams, use_decode_kernel
 from loramux.model.calibrate import dense_head_rows, forward_cost_tokens, fused_4bit_rows, lora_costs
 from loramux.model.head import DenseHead
 from loramux.model.norm import lean_norms
+from loramux.model.prefix import BLOCK
 from loramux.model.quant import lean_4bit
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,12 @@ class Group:
     mask: torch.Tensor  # [k, width] long: 1 for a real token, 0 for left padding
     next_pos: list[int]  # position id of each row's next token
     slots: list[int]  # LoRA slot per row, -1 for the bare base
+    # Per row, the prefix cache blocks its first keys and values are a copy of (their ids;
+    # empty if none): rows with the same blocks share those numbers exactly (`Batch.teams`).
+    origins: list[tuple[int, ...]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.origins = self.origins or [()] * len(self.slots)
 
     @torch.inference_mode()
     def select(self, keep: list[int]) -> Group:
@@ -73,7 +80,7 @@ class Group:
         idx = torch.tensor(keep, device=self.mask.device)
         return Group([(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.kv],
                      self.mask.index_select(0, idx), [self.next_pos[i] for i in keep],
-                     [self.slots[i] for i in keep])
+                     [self.slots[i] for i in keep], [self.origins[i] for i in keep])
 
 
 class Batch:
@@ -95,6 +102,8 @@ class Batch:
         self.n, self.lo, self.hi = 0, 0, 0
         self.next_pos: list[int] = []
         self.slots: list[int] = []
+        self.origins: list[tuple[int, ...]] = []
+        self._teams: tuple[torch.Tensor, torch.Tensor] | bool | None = None  # None: not worked out
         k0 = group.kv[0][0]
         self._shape = (k0.shape[1], k0.shape[3])  # kv_heads, head_dim
         self._dtype, self._device = k0.dtype, k0.device
@@ -160,6 +169,8 @@ class Batch:
         self.n += k
         self.next_pos += group.next_pos
         self.slots += group.slots
+        self.origins += group.origins
+        self._teams = None
         self._expose()
 
     @torch.inference_mode()
@@ -183,6 +194,8 @@ class Batch:
         self.n = n
         self.next_pos = [self.next_pos[i] for i in order]
         self.slots = [self.slots[i] for i in order]
+        self.origins = [self.origins[i] for i in order]
+        self._teams = None
         if n:  # columns that are padding for every remaining row leave the window
             self.lo += int(self.mask[:n, self.lo : self.hi].any(0).nonzero()[0, 0])
         self._expose()
@@ -201,8 +214,23 @@ class Batch:
         cols = slice(self.hi - width, self.hi)
         kv = [(layer.buf_k[idx, :, cols], layer.buf_v[idx, :, cols]) for layer in self.cache.layers]
         group = Group(kv, mask[:, mask.shape[1] - width :], [self.next_pos[i] for i in taken],
-                      [self.slots[i] for i in taken])
+                      [self.slots[i] for i in taken], [self.origins[i] for i in taken])
         return group, self.remove(rows)
+
+    def teams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rows whose prefixes are copies of the same cached blocks, for decode attention: (lead,
+        shared) int32 [rows], row b's first shared[b] positions the same keys and values as row
+        lead[b]'s (the team's first row); None if no two rows share. On the prefix workload
+        ~4 rows of an adapter share its ~300-token prompt, and each read its own copy every
+        step (bench/README.md, stop 35)."""
+        if self._teams is None:  # worked out again only when rows join or leave
+            first: dict[tuple[int, ...], int] = {}
+            lead = [first.setdefault(o, b) if o else b for b, o in enumerate(self.origins)]
+            shared = [len(self.origins[b]) * BLOCK for b in lead]
+            together = len(first) < sum(1 for o in self.origins if o)
+            self._teams = (torch.tensor(lead, dtype=torch.int32),
+                           torch.tensor(shared, dtype=torch.int32)) if together else False
+        return self._teams or None
 
     @torch.inference_mode()
     def step_mask(self) -> torch.Tensor:
@@ -291,11 +319,12 @@ class Runner:
         return split_by_length(lengths, self.forward_cost_tokens)
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int],
-                pasts: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, Group]:
+    def prefill(self, prompts: list[list[int]], slots: list[int], pasts: list[torch.Tensor | None] | None = None,
+                origins: list[tuple[int, ...]] | None = None) -> tuple[torch.Tensor, Group]:
         """Run whole prompts; return last-position logits [n, vocab] and their rows' state.
         `pasts[i]`, if given, holds the keys and values of prompt i's first tokens ([layers,
-        2, kv_heads, h, head_dim], from the prefix cache): only the rest is computed."""
+        2, kv_heads, h, head_dim], from the prefix cache): only the rest is computed;
+        `origins[i]`, the ids of the cache blocks they start with (`Group.origins`)."""
         hits = [0 if p is None else p.shape[3] for p in pasts or [None] * len(prompts)]
         new = max(len(p) - h for p, h in zip(prompts, hits, strict=True))  # columns computed
         # Each row's prompt ends at the right edge: rows whose rest is shorter than `new` take
@@ -312,7 +341,9 @@ class Runner:
         cache = self._seeded(pasts, used, past, new) if past else DynamicCache()
         logits = self._forward(ids, mask, positions, cache, slots)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return logits, Group(kv, mask, [len(p) for p in prompts], list(slots))
+        # A row that computes some of its cached tokens again keeps the copies before them only.
+        kept = [o[:q // BLOCK] for o, q in zip(origins or [()] * len(prompts), used, strict=True)]
+        return logits, Group(kv, mask, [len(p) for p in prompts], list(slots), kept)
 
     def _seeded(self, pasts: list[torch.Tensor | None], used: list[int], width: int, new: int) -> DynamicCache:
         """A cache holding each row's first `used[i]` cached tokens right-aligned to `width`
@@ -341,11 +372,11 @@ class Runner:
             return torch.stack([torch.stack((k[row, :, cols], v[row, :, cols])) for k, v in group.kv])
         return kv
 
-    def group_from_past(self, past: torch.Tensor, slot: int) -> Group:
+    def group_from_past(self, past: torch.Tensor, slot: int, origin: tuple[int, ...] = ()) -> Group:
         """A one-row group holding cached keys and values only (`prefill_more` goes on from it)."""
         n = past.shape[3]
         kv = [(past[layer, 0].unsqueeze(0), past[layer, 1].unsqueeze(0)) for layer in range(past.shape[0])]
-        return Group(kv, torch.ones((1, n), dtype=torch.long, device=self.device), [n], [slot])
+        return Group(kv, torch.ones((1, n), dtype=torch.long, device=self.device), [n], [slot], [origin])
 
     @torch.inference_mode()
     def prefill_more(self, group: Group, chunk: list[int]) -> tuple[torch.Tensor, Group]:
@@ -363,7 +394,7 @@ class Runner:
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
         logits = self._forward(ids, mask, positions, cache, group.slots)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return logits, Group(kv, mask, [start + len(chunk)], list(group.slots))
+        return logits, Group(kv, mask, [start + len(chunk)], list(group.slots), list(group.origins))
 
     @torch.inference_mode()
     def decode(self, batch: Batch, tokens: list[int]) -> torch.Tensor:
@@ -371,7 +402,8 @@ class Runner:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         mask = batch.step_mask()
         positions = torch.tensor(batch.next_pos, dtype=torch.long, device=self.device).view(-1, 1)
-        logits = self._forward(ids, mask, positions, batch.cache, batch.slots)
+        with teams(batch.teams() if self.attention_kernel else None):
+            logits = self._forward(ids, mask, positions, batch.cache, batch.slots)
         batch.stepped()
         return logits
 
@@ -382,10 +414,12 @@ class Runner:
 
     @torch.inference_mode()
     def decode_mixed(self, batch: Batch, tokens: list[int], prompts: list[list[int]], slots: list[int],
-                     pasts: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor, list[Group]]:
-        """A decode step (`decode`) that also prefills `prompts` (after the cached `pasts`, as
-        `prefill`) in the same forward (`mixed`): the rows' logits [B, vocab], the prompts'
-        last-position logits [k, vocab] and a one-row group per prompt, to join the batch."""
+                     pasts: list[torch.Tensor | None], origins: list[tuple[int, ...]] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[Group]]:
+        """A decode step (`decode`) that also prefills `prompts` (after the cached `pasts` and
+        their `origins`, as `prefill`) in the same forward (`mixed`): the rows' logits [B,
+        vocab], the prompts' last-position logits [k, vocab] and a one-row group per prompt,
+        to join the batch."""
         n = batch.size
         mask = batch.step_mask().bool()
         ids, pos, token_slots = list(tokens), list(batch.next_pos), list(batch.slots)
@@ -408,18 +442,20 @@ class Runner:
                         for i, layer in enumerate(batch.cache.layers)]
         self.ctx.set(token_slots, self.device, per_token=True)
         try:
-            out = self.model(input_ids=torch.tensor([ids], device=self.device),
-                             attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),
-                             position_ids=torch.tensor([pos], device=self.device), past_key_values=cache,
-                             use_cache=True, logits_to_keep=torch.tensor(keep, device=self.device))
+            with teams(batch.teams() if self.attention_kernel else None):
+                out = self.model(input_ids=torch.tensor([ids], device=self.device),
+                                 attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),
+                                 position_ids=torch.tensor([pos], device=self.device), past_key_values=cache,
+                                 use_cache=True, logits_to_keep=torch.tensor(keep, device=self.device))
         finally:
             self.ctx.set([], self.device)
             mixed.done()
         batch.stepped()
         logits = out.logits[0]
         groups = [Group([(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])],
-                        torch.ones((1, len(p)), dtype=torch.long, device=self.device), [len(p)], [slot])
-                  for (kv, *_), p, slot in zip(riders, prompts, slots, strict=True)]
+                        torch.ones((1, len(p)), dtype=torch.long, device=self.device), [len(p)], [slot], [origin])
+                  for (kv, *_), p, slot, origin in zip(riders, prompts, slots, origins or [()] * len(prompts),
+                                                       strict=True)]
         return logits[:n], logits[n:], groups
 
     @torch.inference_mode()
