@@ -183,14 +183,14 @@ class Batch:
         order = list(range(n))
         for hole, mover in zip(holes, movers, strict=True):
             order[hole] = mover
-        if holes:
-            dst = torch.tensor(holes, device=self._device)
-            src = torch.tensor(movers, device=self._device)
-            cols = slice(self.lo, self.hi)
-            self.mask[dst, cols] = self.mask[src, cols]
+        cols = slice(self.lo, self.hi)
+        # Row by row: a few rows leave a step, and a slice's copy takes half the time of
+        # indexing's gather and scatter (SmolLM2, ~370 columns: 1.5 against 3.7 ms a row).
+        for hole, mover in zip(holes, movers, strict=True):
+            self.mask[hole, cols] = self.mask[mover, cols]
             for layer in self.cache.layers:
-                layer.buf_k[dst, :, cols] = layer.buf_k[src, :, cols]
-                layer.buf_v[dst, :, cols] = layer.buf_v[src, :, cols]
+                layer.buf_k[hole, :, cols] = layer.buf_k[mover, :, cols]
+                layer.buf_v[hole, :, cols] = layer.buf_v[mover, :, cols]
         self.n = n
         self.next_pos = [self.next_pos[i] for i in order]
         self.slots = [self.slots[i] for i in order]
