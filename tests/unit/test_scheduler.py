@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from loramux.engine.request import Params, Request
-from loramux.engine.scheduler import Pacer, Scheduler
+from loramux.engine.scheduler import Followers, Pacer, Scheduler
 
 
 @pytest.fixture
@@ -185,3 +185,14 @@ def test_pacer_charges_a_mixed_step_beyond_a_decode_step_to_its_prompt_tokens():
     assert pacer.budget() in (59, 60)  # 0.12 / 0.002, give or take float rounding
     pacer.rode(40, 0.1)  # faster than a plain step (noise): a floor, never zero or negative
     assert 0 < pacer.token_s < 1e-6 and pacer.budget() == 512
+
+
+def test_followers_wait_a_share_of_the_step_while_requests_come():
+    f = Followers(share=0.05, min_rate=0.25, weight=0.5, probe=4)
+    assert f.timeout(None) == 0.0  # no step measured yet
+    assert f.timeout(0.2) == pytest.approx(0.01)
+    for _ in range(3):  # waits that saw nothing arrive: rate 0.5, 0.25, 0.125
+        f.waited(False)
+    assert [f.timeout(0.2) for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(0.01)]  # then a probe
+    f.waited(True)  # the probe saw one: rate 0.56, waiting again
+    assert f.timeout(0.2) == pytest.approx(0.01)
