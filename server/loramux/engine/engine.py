@@ -126,8 +126,6 @@ class Engine:
             log.info("mixed steps off: they need loramux's attention function (a CPU with float32 compute and "
                      "--cpu-attention-kernel fused); prompts are prefilled between decode steps")
         self._riders: list[Row] = []
-        self._ended = False  # the last decode step ended requests (`_await_followers`)
-        self._step_s: float | None = None  # how long the last decode step took
         self._wake = threading.Event()  # new work (a request, a cancel, a freed slot)
         self._stop = False
         self._torch_threads = torch_threads  # torch's team size is per thread: the worker sets its own
@@ -299,7 +297,6 @@ class Engine:
                 self._rotate()
                 if self.rows:
                     self._decode()
-                    self._await_followers()
                 elif self._riders:  # the rows they were to ride with are gone: prefill them
                     riders, self._riders = self._riders, []
                     self._prefill_waves(riders)
@@ -312,18 +309,18 @@ class Engine:
                 self._wake.wait(timeout=0.05 if self._shelf else 0.5)
                 self._wake.clear()
 
-    def _await_followers(self) -> None:
-        """After a step that ended requests, with room and nothing waiting, wait a moment for
-        the requests that follow them (`Followers`): on bench.prefix ~5 ms less bookkeeping
-        after a step, and clients that resend at once arrived just after the next step began,
-        doubling the cache-on side's TTFT p50 (~260 -> ~480 ms; bench/README.md, stop 35)."""
-        ended, self._ended = self._ended, False
-        if not ended or len(self.rows) >= self.max_batch_size:
+    def _await_followers(self, step_s: float) -> None:
+        """After a step of `step_s` that ended requests, with room and nothing waiting, wait a
+        moment for the requests that follow them (`Followers`): on bench.prefix ~5 ms less
+        bookkeeping after a step, and clients that resend at once arrived just after the next
+        step began, doubling the cache-on side's TTFT p50 (~260 -> ~480 ms; bench/README.md,
+        stop 35)."""
+        if len(self.rows) >= self.max_batch_size:
             return
         self._wake.clear()  # a request queued before this is seen below; one after it sets the event
         with self._lock:
             waiting = len(self.scheduler) > 0
-        timeout = 0.0 if waiting or self._riders else self.followers.timeout(self._step_s)
+        timeout = 0.0 if waiting or self._riders else self.followers.timeout(step_s)
         if timeout > 0:
             self.followers.waited(self._wake.wait(timeout=timeout))
 
@@ -361,19 +358,22 @@ class Engine:
         cached, rows = sum(r.hit for r in riders), len(self.rows)
         tokens = sum(len(r.req.prompt_ids) for r in riders) - cached
         started = time.perf_counter()
-        self._decode_step(riders)
-        seconds = self._step_s = time.perf_counter() - started
-        if not riders:
+        ended = self._decode_step(riders)
+        seconds = time.perf_counter() - started
+        if riders:
+            self.pacer.rode(tokens, seconds)
+            self.metrics.mixed_prompt_tokens.inc(tokens)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("decode step of %d rows with %d prompts: %d tokens, %d cached, %.0f ms; turn budget %s "
+                          "tokens", rows, len(riders), tokens, cached, 1e3 * seconds, self.pacer.budget())
+        else:
             self.pacer.stepped(seconds)
-            return
-        self.pacer.rode(tokens, seconds)
-        self.metrics.mixed_prompt_tokens.inc(tokens)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("decode step of %d rows with %d prompts: %d tokens, %d cached, %.0f ms; turn budget %s tokens",
-                      rows, len(riders), tokens, cached, 1e3 * seconds, self.pacer.budget())
+        if ended:
+            self._await_followers(seconds)
 
-    def _decode_step(self, riders: list[Row]) -> None:
-        """One token for every running row; `riders`' prompts computed in the same forward."""
+    def _decode_step(self, riders: list[Row]) -> bool:
+        """One token for every running row; `riders`' prompts computed in the same forward.
+        Whether requests ended."""
         self.metrics.batch_size.observe(len(self.rows))
         self.metrics.batch_adapters.observe(len({r.req.adapter_id for r in self.rows if r.req.adapter_id}))
         first, groups = None, []  # the riders' last-position logits and keys and values
@@ -390,7 +390,7 @@ class Engine:
             log.exception("decode step failed")
             self._fail_rows(dict.fromkeys(range(len(self.rows)), Internal(f"model step failed: {exc}")))
             self._fail_prefilled(riders, exc)
-            return
+            return False
         for row in riders:
             row.past = None
         for i, (row, group) in enumerate(zip(riders, groups, strict=True)):
@@ -406,7 +406,7 @@ class Engine:
             self._remember([row], group)
         if finished:
             self._remove(finished)
-            self._ended = True
+        return bool(finished)
 
     # --- admission and prefill -----------------------------------------------------------
     def _admit(self) -> bool:

@@ -180,13 +180,11 @@ class Batch:
         n = self.n - len(drop)
         holes = [i for i in sorted(drop) if i < n]
         movers = [i for i in range(n, self.n) if i not in drop]
-        order = list(range(n))
-        for hole, mover in zip(holes, movers, strict=True):
-            order[hole] = mover
-        cols = slice(self.lo, self.hi)
+        order, cols = list(range(n)), slice(self.lo, self.hi)
         # Row by row: a few rows leave a step, and a slice's copy takes half the time of
         # indexing's gather and scatter (SmolLM2, ~370 columns: 1.5 against 3.7 ms a row).
         for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
             self.mask[hole, cols] = self.mask[mover, cols]
             for layer in self.cache.layers:
                 layer.buf_k[hole, :, cols] = layer.buf_k[mover, :, cols]

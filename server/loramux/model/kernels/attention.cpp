@@ -211,12 +211,9 @@ constexpr int kMaxRows = 8;   // rows of a team: a longer run of rows sharing a 
           P = std::min(P, n[r]);                                                              \
         }                                                                                     \
         const int64_t h = t % a.Hkv, group = a.H / a.Hkv;                                     \
-        if (P == 0 && R > 1) { /* nothing shared after all: each row alone */                 \
-          for (int r = 0; r < R; ++r)                                                         \
-            if (n[r]) head_task(a, &team[r], 1, h, &idxs[r], &n[r], 0, Lp, s.data(), qs.data()); \
-        } else if (n[0]) {                                                                    \
-          head_task(a, team.data(), R, h, idxs, n, P, Lp, s.data(), qs.data());               \
-        }                                                                                     \
+        /* P = 0 (nothing shared after all) is each row alone, a row with nothing to attend */ \
+        /* to a softmax over padding and no values: its zeros are written below */              \
+        head_task(a, team.data(), R, h, idxs, n, P, Lp, s.data(), qs.data());                 \
         for (int r = 0; r < R; ++r) /* nothing to attend to: zeros, not NaN */               \
           if (n[r] == 0) std::fill_n(a.out + (team[r] * a.H + h * group) * a.D, group * a.D, 0.0f); \
       }                                                                                       \
