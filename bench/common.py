@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -457,10 +458,28 @@ class LoadResult:
         return d
 
 
+class Drained:
+    """The moment a closed-loop run's first client finds no request left: until then every
+    client had a request in flight (queued or running), after it the run drains. Calls
+    `hook` (e.g. a metrics scrape) once, on that client's thread."""
+
+    def __init__(self, hook: Callable[[], None] | None) -> None:
+        self._hook, self._lock, self.at = hook, threading.Lock(), None
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self.at is not None:
+                return
+            self.at = time.perf_counter()
+        if self._hook is not None:
+            self._hook()
+
+
 def run_load(address: str, requests: list[BenchRequest], concurrency: int, timeout: float = 600,
-             server_pid: int | None = None) -> LoadResult:
+             server_pid: int | None = None, on_drained: Callable[[], None] | None = None) -> LoadResult:
     """Closed loop: `concurrency` threads, each with its own gRPC client, take the next
-    request, stream it and time its first token; the run ends when all are answered."""
+    request, stream it and time its first token; the run ends when all are answered.
+    `on_drained` runs once, when the first client finds nothing left to send (`Drained`)."""
     from loramux.client import Client
 
     next_index = iter(range(len(requests)))
@@ -468,6 +487,7 @@ def run_load(address: str, requests: list[BenchRequest], concurrency: int, timeo
     outcomes: list[Outcome | None] = [None] * len(requests)
     barrier = threading.Barrier(concurrency + 1)
     start = [0.0]
+    drained = Drained(on_drained)
 
     def worker() -> None:
         with Client(address, timeout=timeout) as client:
@@ -476,6 +496,7 @@ def run_load(address: str, requests: list[BenchRequest], concurrency: int, timeo
                 with lock:
                     i = next(next_index, None)
                 if i is None:
+                    drained()
                     return
                 outcomes[i] = _one(client, requests[i], start[0])
 

@@ -379,14 +379,16 @@ def stream_one(port: int, body: dict, index: int, adapter_id: str, t0: float, ti
 
 
 def run_http_load(server: LlamaServer, requests: list[c.BenchRequest], concurrency: int,
-                  body_of: Callable[[c.BenchRequest], dict], timeout: float = 600) -> c.LoadResult:
+                  body_of: Callable[[c.BenchRequest], dict], timeout: float = 600,
+                  on_drained: Callable[[], None] | None = None) -> c.LoadResult:
     """`common.run_load` for llama-server: `concurrency` client threads, closed loop (take the
-    next request, stream it, time its tokens)."""
+    next request, stream it, time its tokens); `on_drained` as there."""
     pending = iter(range(len(requests)))
     take = threading.Lock()
     done: list[HttpOutcome | None] = [None] * len(requests)
     go = threading.Barrier(concurrency + 1)
     t0 = [0.0]
+    drained = c.Drained(on_drained)
 
     def client() -> None:
         go.wait()
@@ -394,6 +396,7 @@ def run_http_load(server: LlamaServer, requests: list[c.BenchRequest], concurren
             with take:
                 i = next(pending, None)
             if i is None:
+                drained()
                 return
             req = requests[i]
             done[i] = stream_one(server.port, body_of(req), req.index, req.adapter_id, t0[0], timeout)

@@ -171,13 +171,16 @@ def run_llamacpp(args, binary: Path, model_gguf: Path, loras: dict[str, Path], r
         for key, (label, _) in plan.items():
             c.wait_for_quiet(args.wait_quiet)
             probe = c.machine_probe()
-            before = srv.metrics()
-            res = llamacpp.run_http_load(srv, requests[key], args.clients, body)
+            before, drained = srv.metrics(), []
+            res = llamacpp.run_http_load(srv, requests[key], args.clients, body,
+                                         on_drained=lambda got=drained: got.append(srv.metrics()))
             probe = (probe + c.machine_probe()) / 2
             stats = _llama_stats(before, srv.metrics())
+            busy = _llama_stats(before, drained[0])["busy_slots_per_call"] if drained else math.nan
             evaluated = {o.index: o.prompt_n for o in res.outcomes}
             same = sum(evaluated.get(q.index) == q.prompt_tokens for q in requests[key])
-            out.append(_record("llama.cpp", key, label, round_no, res, stats, prompt_n_equal=same, probe=probe))
+            out.append(_record("llama.cpp", key, label, round_no, res, stats, prompt_n_equal=same, probe=probe,
+                               rows_per_call_busy=busy))
     finally:
         srv.stop()
     return out
@@ -238,12 +241,15 @@ def run_loramux(args, adapters: dict[str, Path], requests: dict, plan: dict, wor
         for key, (label, _) in plan.items():
             c.wait_for_quiet(args.wait_quiet)
             probe = c.machine_probe()
-            before = c.server_counters(srv)
-            res = c.run_load(srv.address, requests[key], concurrency=args.clients, server_pid=srv.proc.pid)
+            before, drained = c.server_counters(srv), []
+            res = c.run_load(srv.address, requests[key], concurrency=args.clients, server_pid=srv.proc.pid,
+                             on_drained=lambda got=drained: got.append(c.server_counters(srv)))
             probe = (probe + c.machine_probe()) / 2
             stats = c.server_stats(before, c.server_counters(srv))
+            busy = c.server_stats(before, drained[0])["batch_size_mean"] if drained else math.nan
             out.append(_record(loramux_name(quantization), key, label, round_no, res,
-                               {"decode_calls": stats["decode_steps"], **stats}, probe=probe))
+                               {"decode_calls": stats["decode_steps"], **stats}, probe=probe,
+                               rows_per_call_busy=busy))
     finally:
         srv.stop()
     return out
@@ -274,7 +280,7 @@ def summarize(runs: list[dict], plan: dict, servers: list[str]) -> list[dict]:
             rates, probes = [r["tokens_per_s"] for r in mine], [r["probe"] for r in mine]
             mean = {f: statistics.mean(r[f] for r in mine) for f in (
                 "tokens_per_s", "steady_tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms",
-                "tokens_per_call", "foreign_cpu")}
+                "tokens_per_call", "rows_per_call_busy", "foreign_cpu")}
             rows.append({"scenario": key, "label": label, "server": server, "rounds": len(mine), **mean,
                          "tokens_per_s_runs": rates, "spread": (max(rates) - min(rates)) / mean["tokens_per_s"],
                          "machine_spread": (max(probes) - min(probes)) / statistics.mean(probes),
@@ -331,11 +337,11 @@ def _agreement(a: list[list[int]], b: list[list[int]], eos: int) -> dict:
 def report(rows: list[dict], runs: list[dict], plan: dict, parity: dict, checks: dict, args) -> str:
     # machine spread: `common.machine_probe` beside each run, across the rounds
     headers = ["scenario", "server", "tok/s", "tok/s runs", "spread", "machine spread", "all busy", "TTFT p50 ms",
-               "TTFT p90 ms", "TPOT p50 ms", "tok/decode call", "errors", "busy cores"]
+               "TTFT p90 ms", "TPOT p50 ms", "tok/decode call", "rows/call all busy", "errors", "busy cores"]
     table = [[r["label"], r["server"], r["tokens_per_s"], "/".join(f"{x:.0f}" for x in r["tokens_per_s_runs"]),
               f"{100 * r['spread']:.0f}%", f"{100 * r['machine_spread']:.0f}%", r["steady_tokens_per_s"],
-              r["ttft_p50_ms"], r["ttft_p90_ms"], r["tpot_p50_ms"], r["tokens_per_call"], r["errors"],
-              c.fmt(r["foreign_cpu"], 2)] for r in rows]
+              r["ttft_p50_ms"], r["ttft_p90_ms"], r["tpot_p50_ms"], r["tokens_per_call"], r["rows_per_call_busy"],
+              r["errors"], c.fmt(r["foreign_cpu"], 2)] for r in rows]
     lines = [c.table(headers, table), ""]
     by = {(r["scenario"], r["server"]): r for r in rows}
     for key, (label, _) in plan.items():
@@ -354,6 +360,10 @@ def report(rows: list[dict], runs: list[dict], plan: dict, parity: dict, checks:
             parts.append(f"{many} / 1 adapter {c.ratio(n['tokens_per_s'], one['tokens_per_s']):.2f}x")
         if parts:
             lines.append(f"{server:>12}: tok/s " + ", ".join(parts))
+    busy = [f"{r['label']} {r['rows_per_call_busy']:.1f}" for r in rows if r["server"] == "loramux"]
+    if busy:  # the first wave's ramp counts, the drain after the last request is sent does not
+        lines.append("loramux mean decode batch while every client had a request in flight (>= 28): "
+                     + ", ".join(busy))
     for q in args.quantizations[1:]:
         pairs = [(label, by.get((key, "loramux")), by.get((key, loramux_name(q)))) for key, (label, _) in plan.items()]
         ratios = [f"{label} {c.ratio(a['tokens_per_s'], b['tokens_per_s']):.2f}x" for label, a, b in pairs if a and b]
