@@ -367,7 +367,8 @@ class Runner:
         def kv(start: int, end: int) -> torch.Tensor:
             left = group.mask.shape[1] - length
             cols = slice(left + start, left + end)
-            return torch.stack([torch.stack((k[row, :, cols], v[row, :, cols])) for k, v in group.kv])
+            # One stack of every layer's views: stacking each layer's pair first copied it twice.
+            return torch.stack([t[row, :, cols] for pair in group.kv for t in pair]).unflatten(0, (-1, 2))
         return kv
 
     def group_from_past(self, past: torch.Tensor, slot: int, origin: tuple[int, ...] = ()) -> Group:
