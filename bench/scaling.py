@@ -109,13 +109,16 @@ def _loaded_run(args, srv, n: int, dist: str, prompt_range, new_range) -> dict:
     reqs = c.make_requests(args.requests, n, dist, args.seed, prompt_range, new_range, args.alpha,
                            ignore_eos=not args.stop_at_eos)
     c.wait_for_quiet(args.wait_quiet)
-    before = c.server_counters(srv)
-    res = c.run_load(srv.address, reqs, concurrency=args.clients, server_pid=srv.proc.pid)
+    before, drained = c.server_counters(srv), []
+    res = c.run_load(srv.address, reqs, concurrency=args.clients, server_pid=srv.proc.pid,
+                     on_drained=lambda: drained.append(c.server_counters(srv)))
     stats = c.server_stats(before, c.server_counters(srv))
+    # Rows a step while every client had a request in flight (issue 14: ">= 28 while busy").
+    stats["batch_size_busy"] = c.server_stats(before, drained[0])["batch_size_mean"] if drained else math.nan
     print(f"N={n:>3} {dist:>8}: {res.tokens_per_s:7.1f} tok/s, TTFT p50 {res.ttft_p50_ms:.0f} ms "
           f"p99 {res.ttft_p99_ms:.0f} ms, TPOT p50 {res.tpot_p50_ms:.1f} ms, errors {res.errors}, "
           f"misses {stats['cache_misses']:.0f}, parks {stats['parks']:.0f}, "
-          f"batch {stats['batch_size_mean']:.1f} rows / "
+          f"batch {stats['batch_size_mean']:.1f} rows ({stats['batch_size_busy']:.1f} while all busy) / "
           f"{stats['batch_adapters_mean']:.1f} adapters", flush=True)
     return {"adapters": n, "dist": dist, "distinct_adapters": len({r.adapter_id for r in reqs}),
             **res.summary(), **stats}
@@ -138,15 +141,15 @@ def _medians(raw: list[dict]) -> list[dict]:
 
 def report(runs: list[dict], idle) -> str:
     headers = ["adapters", "dist", "distinct", "tok/s", "tok/s runs", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms",
-               "rows/step", "adapters/step", "misses", "parks", "busy cores", "x tok/s", "x TTFT p50", "x TPOT p50",
-               "TTFT/idle"]
+               "rows/step", "rows/step all busy", "adapters/step", "misses", "parks", "busy cores", "x tok/s",
+               "x TTFT p50", "x TPOT p50", "TTFT/idle"]
     rows = []
     for r in runs:
         base = next((b for b in runs if b["dist"] == r["dist"] and b["adapters"] == 1), None) or runs[0]
         rows.append([
             r["adapters"], r["dist"], r["distinct_adapters"], r["tokens_per_s"],
             "/".join(f"{x:.0f}" for x in r.get("tokens_per_s_runs", [])), r["ttft_p50_ms"],
-            r["ttft_p99_ms"], r["tpot_p50_ms"], r["batch_size_mean"], r["batch_adapters_mean"],
+            r["ttft_p99_ms"], r["tpot_p50_ms"], r["batch_size_mean"], r["batch_size_busy"], r["batch_adapters_mean"],
             int(r["cache_misses"]), r.get("parks", math.nan), r["foreign_cpu"],
             c.ratio(r["tokens_per_s"], base["tokens_per_s"]), c.ratio(r["ttft_p50_ms"], base["ttft_p50_ms"]),
             c.ratio(r["tpot_p50_ms"], base["tpot_p50_ms"]),
