@@ -25,6 +25,7 @@ and TTFT p50 <= 0.25x cache off; (2) turn-5 TTFT <= 1.5x turn 1 with the cache; 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -220,10 +221,15 @@ def report(runs: dict) -> str:
     rows = []
     for w in ("shared", "idle", "unshared"):
         rows.append([w, off[w]["tokens_per_s"], on[w]["tokens_per_s"],
-                     c.ratio(on[w]["tokens_per_s"], off[w]["tokens_per_s"]), off[w]["ttft_p50_ms"],
+                     c.ratio(on[w]["tokens_per_s"], off[w]["tokens_per_s"]),
+                     c.ratio(on[w].get("steady_tokens_per_s", math.nan), off[w].get("steady_tokens_per_s", math.nan)),
+                     off[w]["ttft_p50_ms"],
                      on[w]["ttft_p50_ms"], c.ratio(on[w]["ttft_p50_ms"], off[w]["ttft_p50_ms"]),
                      off[w]["ttft_all_p50_ms"], on[w]["ttft_all_p50_ms"], on[w]["hit_rate"]])
-    lines = [c.table(["workload", "off tok/s", "on tok/s", "on/off", "off TTFT p50 ms", "on TTFT p50 ms",
+    # "all busy": tok/s while every client is busy (common._steady), after the first wave: the
+    # cache-on side's first requests of each adapter (cold misses) are behind it.
+    lines = [c.table(["workload", "off tok/s", "on tok/s", "on/off", "on/off all busy", "off TTFT p50 ms",
+                      "on TTFT p50 ms",
                       "TTFT on/off", "off TTFT p50 ms, all", "on TTFT p50 ms, all", "hit rate"], rows, 2)]
     for name in ("off", "on"):
         m = runs[name]["multi_turn"]
@@ -231,8 +237,10 @@ def report(runs: dict) -> str:
                      f"{' / '.join(f'{t:.0f}' for t in m['ttft_p50_ms_by_turn'])} ms, "
                      f"turn 5 / turn 1 = {m['turn5_over_turn1']:.2f}")
     s, u = on["shared"], on["unshared"]
+    busy = c.ratio(s.get("steady_tokens_per_s", math.nan), off["shared"].get("steady_tokens_per_s", math.nan))
     lines.append(f"targets: shared throughput {c.ratio(s['tokens_per_s'], off['shared']['tokens_per_s']):.2f}x "
-                 f"(>= 3), TTFT {c.ratio(s['ttft_p50_ms'], off['shared']['ttft_p50_ms']):.2f}x (<= 0.25); "
+                 f"(>= 3; {busy:.2f}x while all clients are busy, the cold misses behind), "
+                 f"TTFT {c.ratio(s['ttft_p50_ms'], off['shared']['ttft_p50_ms']):.2f}x (<= 0.25); "
                  f"multi-turn {on['multi_turn']['turn5_over_turn1']:.2f} (<= 1.5); "
                  f"unshared {c.ratio(u['tokens_per_s'], off['unshared']['tokens_per_s']):.2f}x (>= 0.95)")
     return "\n".join(lines)
