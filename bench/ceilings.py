@@ -172,10 +172,10 @@ def prefix_wave(runner, slots: list[int], tok, metrics, args) -> dict:
     p0, s0, q0 = prompts[0], row_slots[0], pasts[0]
     ttft_off = _best(runner, lambda: runner.prefill([p0], [s0]))
     ttft_on = _best(runner, lambda: runner.prefill([p0], [s0], [cache.lookup(str(s0), p0)]))
-    waves, on_wave = 3, sum(on) + lookup  # bench.prefix: 96 requests, its first 8 misses
+    waves, on_wave = P.parse_args([]).requests // len(prompts), sum(on) + lookup  # bench.prefix's run: 3 waves
     cold_run = waves * on_wave + cold - len(first) / len(prompts) * (on[0] + lookup)
     return {"prompt_tokens": sum(map(len, prompts)), "cached_tokens": sum(q.shape[3] for q in pasts),
-            "cold_prefill_s": cold, "ceiling_cold_96": waves * sum(off) / cold_run,
+            "cold_prefill_s": cold, "ceiling_cold_run": waves * sum(off) / cold_run,
             "off_prefill_s": off[0], "on_prefill_s": on[0] + lookup, "off_decode_s": off[1], "on_decode_s": on[1],
             "off_tokens_per_s": tokens / sum(off), "on_tokens_per_s": tokens / (sum(on) + lookup),
             "ceiling_on_over_off": sum(off) / (sum(on) + lookup), "lone_ttft_off_ms": 1e3 * ttft_off,
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
           f"cache off {p['off_prefill_s']:.1f} s prefill + {p['off_decode_s']:.1f} s decode = "
           f"{p['off_tokens_per_s']:.0f} tok/s; on {p['on_prefill_s']:.1f} s + {p['on_decode_s']:.1f} s = "
           f"{p['on_tokens_per_s']:.0f} tok/s: on / off at most {p['ceiling_on_over_off']:.2f}x warm, "
-          f"{p['ceiling_cold_96']:.2f}x for bench.prefix's 96 requests from a cold cache (8 system prompts "
+          f"{p['ceiling_cold_run']:.2f}x for bench.prefix's run from a cold cache (8 system prompts "
           f"{p['cold_prefill_s']:.1f} s; target 3); "
           f"a lone request's prefill {p['lone_ttft_off_ms']:.0f} -> {p['lone_ttft_on_ms']:.0f} ms "
           f"({p['lone_ttft_ratio']:.2f}x; {p['hit_rest_tokens']} tokens not cached), TTFT target 0.25x", flush=True)
