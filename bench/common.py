@@ -464,14 +464,12 @@ class Drained:
     `hook` (e.g. a metrics scrape) once, on that client's thread."""
 
     def __init__(self, hook: Callable[[], None] | None) -> None:
-        self._hook, self._lock, self.at = hook, threading.Lock(), None
+        self._hook, self._lock, self._fired = hook, threading.Lock(), False
 
     def __call__(self) -> None:
         with self._lock:
-            if self.at is not None:
-                return
-            self.at = time.perf_counter()
-        if self._hook is not None:
+            fired, self._fired = self._fired, True
+        if not fired and self._hook is not None:
             self._hook()
 
 
@@ -617,6 +615,18 @@ def server_counters(srv) -> dict[str, float]:
         "adapters_sum": "batch_adapters_sum", "parks": "adapter_preemptions_total",
     }
     return {k: m.get(f"loramux_{v}", math.nan) for k, v in names.items()}
+
+
+def measured_load(srv, requests: list[BenchRequest], concurrency: int) -> tuple[LoadResult, dict[str, float]]:
+    """`run_load` on a loramux server and `server_stats` over the run, with `batch_size_busy`:
+    rows a decode step while every client had a request in flight (`Drained`; issue 14's
+    "mean decode batch while 32 clients are busy")."""
+    before, drained = server_counters(srv), []
+    res = run_load(srv.address, requests, concurrency=concurrency, server_pid=srv.proc.pid,
+                   on_drained=lambda: drained.append(server_counters(srv)))
+    stats = server_stats(before, server_counters(srv))
+    stats["batch_size_busy"] = server_stats(before, drained[0])["batch_size_mean"] if drained else math.nan
+    return res, stats
 
 
 def server_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

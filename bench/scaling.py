@@ -109,12 +109,7 @@ def _loaded_run(args, srv, n: int, dist: str, prompt_range, new_range) -> dict:
     reqs = c.make_requests(args.requests, n, dist, args.seed, prompt_range, new_range, args.alpha,
                            ignore_eos=not args.stop_at_eos)
     c.wait_for_quiet(args.wait_quiet)
-    before, drained = c.server_counters(srv), []
-    res = c.run_load(srv.address, reqs, concurrency=args.clients, server_pid=srv.proc.pid,
-                     on_drained=lambda: drained.append(c.server_counters(srv)))
-    stats = c.server_stats(before, c.server_counters(srv))
-    # Rows a step while every client had a request in flight (issue 14: ">= 28 while busy").
-    stats["batch_size_busy"] = c.server_stats(before, drained[0])["batch_size_mean"] if drained else math.nan
+    res, stats = c.measured_load(srv, reqs, args.clients)
     print(f"N={n:>3} {dist:>8}: {res.tokens_per_s:7.1f} tok/s, TTFT p50 {res.ttft_p50_ms:.0f} ms "
           f"p99 {res.ttft_p99_ms:.0f} ms, TPOT p50 {res.tpot_p50_ms:.1f} ms, errors {res.errors}, "
           f"misses {stats['cache_misses']:.0f}, parks {stats['parks']:.0f}, "

@@ -241,15 +241,11 @@ def run_loramux(args, adapters: dict[str, Path], requests: dict, plan: dict, wor
         for key, (label, _) in plan.items():
             c.wait_for_quiet(args.wait_quiet)
             probe = c.machine_probe()
-            before, drained = c.server_counters(srv), []
-            res = c.run_load(srv.address, requests[key], concurrency=args.clients, server_pid=srv.proc.pid,
-                             on_drained=lambda got=drained: got.append(c.server_counters(srv)))
+            res, stats = c.measured_load(srv, requests[key], args.clients)
             probe = (probe + c.machine_probe()) / 2
-            stats = c.server_stats(before, c.server_counters(srv))
-            busy = c.server_stats(before, drained[0])["batch_size_mean"] if drained else math.nan
             out.append(_record(loramux_name(quantization), key, label, round_no, res,
                                {"decode_calls": stats["decode_steps"], **stats}, probe=probe,
-                               rows_per_call_busy=busy))
+                               rows_per_call_busy=stats["batch_size_busy"]))
     finally:
         srv.stop()
     return out
