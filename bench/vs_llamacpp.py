@@ -7,7 +7,9 @@ and loaded at scale 0, each request choosing its own (`"lora": [{"id": i, "scale
 loramux serves the same model in NF4 (its default) through a real server. Both get the same
 prompt strings (a system prompt and a question rendered with the model's chat template),
 greedy, EOS ignored, the same number of new tokens, from the same number of closed-loop
-streaming clients (HTTP server-sent events for llama-server, gRPC for loramux).
+streaming clients (HTTP server-sent events for llama-server, gRPC for loramux). Neither
+reuses prompts (llama-server `--no-cache-prompt`, loramux `--prefix-cache-bytes 0`): the same
+work on both; `--prefix-cache` runs loramux with its prefix cache (bench.prefix measures it).
 
 Three scenarios on each server: the bare base, one adapter for every request, and N adapters
 (request i -> adapter i % N). Only one server runs at a time; `--rounds` alternates them
@@ -61,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=None, help="loramux device slots (default: max(adapters, clients))")
     p.add_argument("--max-batch-size", type=int, default=32, help="loramux --max-batch-size")
     p.add_argument("--server-args", default="", help="more flags for the loramux server")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="run loramux with its prefix cache (its default; off here unless given, as llama-server "
+                   "runs with --no-cache-prompt, so that both servers do the same work)")
     p.add_argument("--quantizations", default="nf4,none",
                    help="loramux servers to run each round, by --quantization (nf4 first: the one compared)")
     p.add_argument("--peft-check", type=int, default=4,
@@ -233,8 +238,12 @@ def _llama_stats(before: dict[str, float], after: dict[str, float]) -> dict:
 def run_loramux(args, adapters: dict[str, Path], requests: dict, plan: dict, work: Path, round_no: int,
                 quantization: str = "nf4") -> list[dict]:
     """One loramux server with every adapter registered, every scenario on it."""
+    # No prompt reuse unless asked, as llama-server runs: with reuse, one adapter's requests share
+    # the chat template's system prompt while 32 adapters' cannot across adapters (issue 16), so
+    # "32 adapters / one" measured the cache, not the LoRA term (bench/README.md, stop 37).
+    reuse = () if args.prefix_cache else ("--prefix-cache-bytes", "0")
     srv = c.start_server(work, adapters, slots=args.slots, max_batch=args.max_batch_size, max_rank=args.rank,
-                         extra=("--quantization", quantization, *shlex.split(args.server_args)))
+                         extra=("--quantization", quantization, *reuse, *shlex.split(args.server_args)))
     try:
         c.warm_up(srv.address)
         out = []
