@@ -19,6 +19,8 @@ projections), on one torch team as the engine thread runs; no gRPC, no queue, no
     (96 requests) starts cold, so its ceiling also pays the 8 system prompts' first prefill
     (one forward for the 8, the cheapest way): 3 waves off against 3 waves on plus that,
     less the 8 rests it replaces. A lone request's prefill on and off bounds "TTFT <= 0.25x".
+    Each side runs again and the fastest counts, glibc told to keep freed memory (`_keep_freed`):
+    a first run paid this VM's fresh-page faults, which a server that has run a while does not.
 (4) a wave of 32 requests sent at once (bench.vs_llamacpp's chats, every client's first
     request): whatever the schedule, the median request's first token waits for at least 16
     prompts' prefill; the best of that, one forward of 16, against one prompt alone bounds

@@ -127,7 +127,8 @@ def main(argv=None) -> int:
           f"loramux nf4 (float32 compute); {args.adapters} rank-{args.rank} adapters on {len(ALL_TARGETS)} "
           f"projections; {args.requests} chat requests per scenario, prompts {min(lengths)}-{max(lengths)} tokens "
           f"(mean {statistics.mean(lengths):.1f}), {args.new_tokens} new tokens, greedy, EOS ignored; "
-          f"{args.clients} clients; logs in {work}", flush=True)
+          f"{args.clients} clients; prompt reuse: {'loramux only' if args.prefix_cache else 'neither server'}; "
+          f"logs in {work}", flush=True)
 
     runs: list[dict] = []
     checks: dict = {}
