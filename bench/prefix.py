@@ -25,7 +25,6 @@ and TTFT p50 <= 0.25x cache off; (2) turn-5 TTFT <= 1.5x turn 1 with the cache; 
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 import sys
@@ -218,11 +217,11 @@ def _line(r: dict) -> str:
 
 def report(runs: dict) -> str:
     off, on = runs["off"], runs["on"]
-    rows = []
+    rows, busy = [], {}
     for w in ("shared", "idle", "unshared"):
+        busy[w] = c.ratio(on[w]["steady_tokens_per_s"], off[w]["steady_tokens_per_s"])
         rows.append([w, off[w]["tokens_per_s"], on[w]["tokens_per_s"],
-                     c.ratio(on[w]["tokens_per_s"], off[w]["tokens_per_s"]),
-                     c.ratio(on[w].get("steady_tokens_per_s", math.nan), off[w].get("steady_tokens_per_s", math.nan)),
+                     c.ratio(on[w]["tokens_per_s"], off[w]["tokens_per_s"]), busy[w],
                      off[w]["ttft_p50_ms"], on[w]["ttft_p50_ms"], c.ratio(on[w]["ttft_p50_ms"], off[w]["ttft_p50_ms"]),
                      off[w]["ttft_all_p50_ms"], on[w]["ttft_all_p50_ms"], on[w]["hit_rate"]])
     # "all busy": tok/s while every client is busy (common._steady), after the first wave: the
@@ -236,9 +235,8 @@ def report(runs: dict) -> str:
                      f"{' / '.join(f'{t:.0f}' for t in m['ttft_p50_ms_by_turn'])} ms, "
                      f"turn 5 / turn 1 = {m['turn5_over_turn1']:.2f}")
     s, u = on["shared"], on["unshared"]
-    busy = c.ratio(s.get("steady_tokens_per_s", math.nan), off["shared"].get("steady_tokens_per_s", math.nan))
     lines.append(f"targets: shared throughput {c.ratio(s['tokens_per_s'], off['shared']['tokens_per_s']):.2f}x "
-                 f"(>= 3; {busy:.2f}x while all clients are busy, the cold misses behind), "
+                 f"(>= 3; {busy['shared']:.2f}x while all clients are busy, the cold misses behind), "
                  f"TTFT {c.ratio(s['ttft_p50_ms'], off['shared']['ttft_p50_ms']):.2f}x (<= 0.25); "
                  f"multi-turn {on['multi_turn']['turn5_over_turn1']:.2f} (<= 1.5); "
                  f"unshared {c.ratio(u['tokens_per_s'], off['unshared']['tokens_per_s']):.2f}x (>= 0.95)")
