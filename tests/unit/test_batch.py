@@ -70,10 +70,18 @@ def record(got: dict, rows: list[str], logits: torch.Tensor) -> None:
         got[name][1].append(row_logits)
 
 
-@pytest.mark.parametrize("room", [(64, 64), (0, 1)], ids=["default-room", "relayout-every-step"])
+ROOMS = [(64, 64, 0.5), (0, 1, 0.0)]  # LEFT_ROOM, RIGHT_ROOM, RIGHT_SHARE
+
+
+def set_room(monkeypatch, left: int, right: int, share: float) -> None:
+    monkeypatch.setattr(runner_mod, "LEFT_ROOM", left)
+    monkeypatch.setattr(runner_mod, "RIGHT_ROOM", right)
+    monkeypatch.setattr(runner_mod, "RIGHT_SHARE", share)
+
+
+@pytest.mark.parametrize("room", ROOMS, ids=["default-room", "relayout-every-step"])
 def test_rows_joining_and_leaving_keep_each_row_its_own(runner, monkeypatch, room):
-    monkeypatch.setattr(runner_mod, "LEFT_ROOM", room[0])
-    monkeypatch.setattr(runner_mod, "RIGHT_ROOM", room[1])
+    set_room(monkeypatch, *room)
     want = {name: alone(runner, ids(runner, text), n) for name, (text, n, _) in PROMPTS.items()}
     batch, rows, got = None, [], {name: ([], []) for name in PROMPTS}
     for step in range(40):
@@ -83,12 +91,11 @@ def test_rows_joining_and_leaving_keep_each_row_its_own(runner, monkeypatch, roo
     assert_as_alone(got, want)
 
 
-@pytest.mark.parametrize("room", [(64, 64), (0, 1)], ids=["default-room", "relayout-every-step"])
+@pytest.mark.parametrize("room", ROOMS, ids=["default-room", "relayout-every-step"])
 def test_no_unwritten_column_is_ever_exposed(runner, monkeypatch, room):
     """Buffers come unwritten (here: NaN, as memory may hold anything): every column the model
     sees is a written key or value, or zero padding (SDPA reads padding: 0 x NaN is NaN)."""
-    monkeypatch.setattr(runner_mod, "LEFT_ROOM", room[0])
-    monkeypatch.setattr(runner_mod, "RIGHT_ROOM", room[1])
+    set_room(monkeypatch, *room)
     empty = runner_mod.Batch._empty
     monkeypatch.setattr(runner_mod.Batch, "_empty", lambda self, r, c: tuple(t.fill_(float("nan"))
                                                                            for t in empty(self, r, c)))
@@ -106,7 +113,7 @@ def test_no_unwritten_column_is_ever_exposed(runner, monkeypatch, room):
 
 
 def test_removing_rows_moves_the_last_rows_into_the_gaps(runner, monkeypatch):
-    monkeypatch.setattr(runner_mod, "RIGHT_ROOM", 0)  # the decode step re-lays the buffers out
+    set_room(monkeypatch, 64, 0, 0.0)  # the decode step re-lays the buffers out
     prompts = [ids(runner, t) for t in (b"r0", b"row one", b"r2", b"row three", b"r4")]
     _, group = runner.prefill(prompts, [-1, 0, -1, 1, -1])
     batch = merge(None, group)
@@ -164,13 +171,43 @@ def test_a_wide_join_widens_the_buffers_without_growing_their_rows(runner, monke
     assert batch.hi - batch.lo == len(ids(runner, b"a prompt far wider than the live window"))
 
 
-@pytest.mark.parametrize("room", [(64, 64), (0, 1)], ids=["default-room", "relayout-every-step"])
+def test_relayouts_within_the_buffers_slide_the_window_both_ways(runner, monkeypatch):
+    """Buffers with the rows and room for the moved window stay the batch's own: the window
+    slides left (decode steps reached the buffers' end after the widest row left) and right
+    (a join wider than the free columns before it), over columns it overlaps, and every row
+    decodes as alone."""
+    set_room(monkeypatch, 2, 2, 1.0)
+    plan = {  # the tiny model's tokenizer: a token a byte, after BOS
+        "wide": (b"w" * 29, 3, 0),
+        "long": (b"s" * 19, 40, 0),
+        "late": (b"x" * 59, 3, 34),
+    }
+    slide, shifts = runner_mod.Batch._slide, []
+
+    def recorded(self, left: int) -> None:
+        shifts.append((self.lo - left, self.hi - self.lo))
+        slide(self, left)
+
+    monkeypatch.setattr(runner_mod.Batch, "_slide", recorded)
+    want = {name: alone(runner, ids(runner, text), n) for name, (text, n, _) in plan.items()}
+    batch, rows, got, buffers = None, [], {name: ([], []) for name in plan}, set()
+    for step in range(50):
+        batch, rows = join_and_leave(runner, batch, rows, plan, step, got)
+        if batch is not None:
+            record(got, rows, runner.decode(batch, [got[name][0][-1] for name in rows]))
+            buffers.add(id(batch.cache.layers[0].buf_k))
+    assert_as_alone(got, want)
+    assert any(0 < shift < width for shift, width in shifts)  # left, overlapping
+    assert any(-width < shift < 0 for shift, width in shifts)  # right, overlapping
+    assert len(buffers) == 1  # made once, for the first join
+
+
+@pytest.mark.parametrize("room", ROOMS, ids=["default-room", "relayout-every-step"])
 def test_rows_taken_out_and_put_back_go_on_where_they_stopped(runner, monkeypatch, room):
     """Rows taken out for some steps (their adapter gave its slot up) and appended again
     later, while rows join and leave around them: every row's tokens and logits still
     equal the row run alone, and a row put back is no wider than its own tokens."""
-    monkeypatch.setattr(runner_mod, "LEFT_ROOM", room[0])
-    monkeypatch.setattr(runner_mod, "RIGHT_ROOM", room[1])
+    set_room(monkeypatch, *room)
     plan = {  # name: (prompt, new tokens, step it joins, steps it is out)
         "p": (b"out early", 10, 0, range(1, 4)),
         "q": (b"runs throughout", 14, 0, range(0)),
