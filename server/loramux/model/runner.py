@@ -130,15 +130,17 @@ class Batch:
         """Move the live window to `left` free columns from the buffers' start, with room
         after it: the only whole-cache copy, once in many steps. Within the buffers it has
         where they hold `rows` rows and the room; else into new ones, with room after the
-        window for half its width again. New buffers are fresh memory, and on a VM's first
-        touch of a page ~10-20 us (bench/README.md, stop 38): a 32-row batch of ~380 columns
-        on SmolLM2 took 3.8 s moving into new buffers, ~50 ms within its own."""
+        window for half of it and the left room (`RIGHT_SHARE`). New buffers are fresh memory,
+        which this VM's host backs on first touch, 2-28 us a page (bench/README.md, stop 38):
+        a 32-row batch of ~380 columns on SmolLM2 took 3.8 s to move into new buffers in the
+        server; the same copy into buffers already touched takes ~33 ms."""
         n, lo, hi, w = self.n, self.lo, self.hi, self.hi - self.lo
         room = max(RIGHT_ROOM, 1)  # a decode step's column at least
         if rows <= self.mask.shape[0] and left + w + room <= self.mask.shape[1]:
             self._slide(left)
             return
         cols = left + w + max(room, int(RIGHT_SHARE * (left + w)))
+        log.debug("batch buffers: new, %d rows x %d columns for %d rows x %d live", rows, cols, n, w)
         mask = torch.zeros(rows, cols, dtype=torch.long, device=self._device)
         mask[:n, left : left + w] = self.mask[:n, lo:hi]
         self.mask = mask
