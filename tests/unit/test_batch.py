@@ -202,6 +202,26 @@ def test_relayouts_within_the_buffers_slide_the_window_both_ways(runner, monkeyp
     assert len(buffers) == 1  # made once, for the first join
 
 
+def test_a_batch_left_empty_takes_the_next_rows_into_its_own_buffers(runner):
+    """Every row leaves; rows that join later start a new window in the same buffers and
+    decode as alone (however wide the old window was)."""
+    first = [ids(runner, t) for t in (b"a first row that is rather long", b"second")]
+    _, group = runner.prefill(first, [-1, -1])
+    batch = merge(None, group, 4)
+    for _ in range(3):
+        runner.decode(batch, [5, 5])
+    buffers = batch.cache.layers[0].buf_k
+    assert batch.remove({0, 1}) == [] and batch.size == 0 and batch.hi == batch.lo
+    later = ids(runner, b"later")
+    logits, group = runner.prefill([later], [-1])
+    merge(batch, group, 4)
+    assert batch.cache.layers[0].buf_k is buffers and batch.hi - batch.lo == len(later)
+    tokens = [int(logits.argmax(-1))]
+    for _ in range(3):
+        tokens.append(int(runner.decode(batch, tokens[-1:]).argmax(-1)))
+    assert tokens == alone(runner, later, 4)[0]
+
+
 @pytest.mark.parametrize("room", ROOMS, ids=["default-room", "relayout-every-step"])
 def test_rows_taken_out_and_put_back_go_on_where_they_stopped(runner, monkeypatch, room):
     """Rows taken out for some steps (their adapter gave its slot up) and appended again

@@ -762,12 +762,14 @@ class Engine:
         self._remove(list(errors))
 
     def _remove(self, indices: list[int]) -> None:
-        """Take rows out of the batch; the batch fills the gaps from its end, the rows follow."""
-        drop = set(indices)
-        if self.batch is None or len(drop) == len(self.rows):
-            self.batch, self.rows = None, []
+        """Take rows out of the batch; the batch fills the gaps from its end, the rows follow.
+        A batch left empty keeps its buffers for the next rows: new ones are fresh memory,
+        which this VM backs on first touch (~90,000 pages for 32 rows of vs_llamacpp's chats,
+        up to ~2 s in its slow hours; bench/README.md, stop 38)."""
+        if self.batch is None:
+            self.rows = []
             return
-        self._reorder(self.batch.remove(drop))
+        self._reorder(self.batch.remove(set(indices)))
 
     def _reorder(self, order: list[int]) -> None:
         """Rows in the order the batch left them (`Batch.remove`/`take`)."""

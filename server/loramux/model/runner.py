@@ -223,6 +223,8 @@ class Batch:
         self._teams = None
         if n:  # columns that are padding for every remaining row leave the window
             self.lo += int(self.mask[:n, self.lo : self.hi].any(0).nonzero()[0, 0])
+        else:  # an empty window: rows that join next start it afresh
+            self.lo = self.hi
         self._expose()
         return order
 
