@@ -765,7 +765,8 @@ class Engine:
         """Take rows out of the batch; the batch fills the gaps from its end, the rows follow.
         A batch left empty keeps its buffers for the next rows: new ones are fresh memory,
         which this VM backs on first touch (~90,000 pages for 32 rows of vs_llamacpp's chats,
-        up to ~2 s in its slow hours; bench/README.md, stop 38)."""
+        up to ~2 s in its slow hours; bench/README.md, stop 38). So an idle server holds its
+        batch's buffers at their peak size, as servers that preallocate their KV cache do."""
         if self.batch is None:
             self.rows = []
             return

@@ -154,7 +154,8 @@ class Batch:
     def _slide(self, left: int) -> None:
         """Move the live window within the buffers to start at column `left`. Source and
         target may overlap, so in runs of `shift` columns, first the run nearest the target:
-        each run's target holds only columns already moved."""
+        each run's target holds only columns already moved. Its callers move the window by
+        at least LEFT_ROOM or RIGHT_ROOM columns (64), so a ~380-column window is ~6 runs."""
         n, lo, hi = self.n, self.lo, self.hi
         shift = lo - left
         runs = list(range(lo, hi, abs(shift))) if shift else []
