@@ -817,10 +817,8 @@ class Engine:
         """Take an adapter's rows out of the batch, with their KV, onto the shelf."""
         take = {i for i, r in enumerate(self.rows) if r.req.adapter_id == adapter_id}
         rows = [self.rows[i] for i in sorted(take)]
-        group, order = self.batch.take(take)
+        group, order = self.batch.take(take)  # copies: the batch, even left empty, keeps its buffers (`_remove`)
         self._reorder(order)
-        if not self.rows:
-            self.batch = None
         self._shelf[adapter_id] = (rows, group)
 
     def _fail_shelved(self, adapter_id: str, errors: dict[int, Exception | None]) -> None:
