@@ -26,6 +26,7 @@ from loramux.lora.peft_rules import describe_base
 from loramux.lora.slots import AdapterSlots
 from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
+from loramux.model import memory
 from loramux.model.loader import DEFAULT_MODEL, ModelSpec, load_base, resolve_device, resolve_dtype
 from loramux.model.prefix import PrefixCache, default_bytes
 from loramux.model.runner import Runner
@@ -52,6 +53,7 @@ def build_engine(cfg: ServerConfig, metrics: Metrics) -> Engine:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.compute_dtype, device)
     started = time.perf_counter()
+    memory.apply(cfg.host_memory)
     # Loaded and calibrated with the engine's team size on a thread that then ends, and this
     # thread kept off torch's parallel work: the engine thread's OpenMP team is the only one
     # (model/threads.py: a second one made every decode step 1.5x slower on 2 cores).

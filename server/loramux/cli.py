@@ -73,6 +73,9 @@ def _serve_parser(sub) -> None:
     _add(p, "--mixed-steps", str, "on", "on (a prompt admitted while rows decode, up to --max-prefill-tokens "
          "uncached tokens, is computed inside the next decode step's forward: no prefill forward of its own, "
          "no stall of the running rows) | off (a prefill forward between decode steps)")
+    _add(p, "--host-memory", str, "keep", "keep (host memory freed by a step is kept and reused by the next: "
+         "no page faults on fresh pages, the process holds its peak heap; glibc only) | release (the C "
+         "library's defaults: freed blocks go back to the kernel)")
     _add(p, "--max-slot-wait", float, 0.02, "seconds an adapter's requests may wait for a device slot "
          "before a running adapter is parked (its rows leave the batch, KV kept) to give it one")
     _add(p, "--min-slot-turn", float, 1.5, "seconds a running adapter keeps its slot before it may be "
@@ -172,7 +175,7 @@ def _serve(args) -> int:
             max_batch_size=args.max_batch_size, torch_threads=args.torch_threads,
             max_queue=args.max_queue,
             max_slot_wait=args.max_slot_wait, min_slot_turn=args.min_slot_turn,
-            max_prefill_tokens=args.max_prefill_tokens, mixed_steps=args.mixed_steps,
+            max_prefill_tokens=args.max_prefill_tokens, mixed_steps=args.mixed_steps, host_memory=args.host_memory,
             max_new_tokens_limit=args.max_new_tokens_limit,
             default_max_new_tokens=args.default_max_new_tokens, max_model_len=args.max_model_len,
             adapter_scan_interval=args.adapter_scan_interval, drain_timeout=args.drain_timeout,

@@ -11,6 +11,7 @@ CPU_4BIT_KERNELS = ("fused", "dequantize")
 CPU_LORA_KERNELS = ("fused", "torch")
 CPU_ATTENTION_KERNELS = ("fused", "sdpa")
 MIXED_STEPS = ("on", "off")
+HOST_MEMORY = ("keep", "release")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ServerConfig:
     prefix_cache_bytes: int | None = None  # None: 1/16 of the device's memory; 0: no prefix cache
     max_adapter_bytes: int = 1 << 30
     max_batch_size: int = 16
+    host_memory: str = "keep"  # keep: freed host memory is reused, not returned (model/memory.py)
     torch_threads: int = 0  # of the engine thread; 0: torch's default (every usable core on CPU)
     max_queue: int = 256
     max_prefill_tokens: int = 512  # one prefill's rows x longest prompt (one long prompt always fits)
@@ -61,6 +63,7 @@ class ServerConfig:
             (self.cpu_4bit_kernel in CPU_4BIT_KERNELS, f"--cpu-4bit-kernel must be one of {CPU_4BIT_KERNELS}"),
             (self.cpu_lora_kernel in CPU_LORA_KERNELS, f"--cpu-lora-kernel must be one of {CPU_LORA_KERNELS}"),
             (self.mixed_steps in MIXED_STEPS, f"--mixed-steps must be one of {MIXED_STEPS}"),
+            (self.host_memory in HOST_MEMORY, f"--host-memory must be one of {HOST_MEMORY}"),
             (self.cpu_attention_kernel in CPU_ATTENTION_KERNELS,
              f"--cpu-attention-kernel must be one of {CPU_ATTENTION_KERNELS}"),
             (self.max_active_adapters >= 1, "--max-active-adapters must be at least 1"),

@@ -17,7 +17,7 @@ def test_env_variable_sets_a_flag_and_the_flag_wins(monkeypatch):
 
 @pytest.mark.parametrize("kwargs", [{"quantization": "q3"}, {"max_active_adapters": 0},
                                     {"default_max_new_tokens": 2000}, {"max_lora_rank": 0},
-                                    {"cpu_4bit_kernel": "fast"}])
+                                    {"cpu_4bit_kernel": "fast"}, {"host_memory": "hoard"}])
 def test_invalid_config_refused(kwargs):
     with pytest.raises(ValueError):
         ServerConfig(**kwargs)

@@ -113,3 +113,19 @@ def test_lookups_name_the_whole_blocks_they_copied():
     put(cache, "w", prompt)
     again = cache.lookup_blocks("w", prompt)[1]
     assert len(again) == 3 and not set(again) & set(blocks)
+
+
+def test_evicted_and_forgotten_blocks_memory_is_reused_never_beyond_the_bound():
+    cache = PrefixCache(6 * BLOCK_BYTES, Metrics())
+    rng = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 1000, (3 * BLOCK + 1,), generator=rng).tolist() for _ in range(12)]
+    for i, prompt in enumerate(prompts):  # 3 blocks each: every insert after the second evicts
+        put(cache, f"w{i % 3}", prompt, owner=f"o{i % 3}")
+        assert served(cache, f"w{i % 3}", prompt) == prompt[: 3 * BLOCK]  # a reused block holds the new tokens
+        assert cache.nbytes <= 6 * BLOCK_BYTES
+    assert cache._pool._made <= 6 + 1  # the bound's blocks and the one being inserted
+    cache.forget("o2")  # prompt 11, still cached, gives its blocks back
+    put(cache, "x", prompts[0], owner="o0")
+    assert served(cache, "x", prompts[0]) == prompts[0][: 3 * BLOCK] and served(cache, "w2", prompts[11]) == []
+    assert served(cache, "w1", prompts[10]) == prompts[10][: 3 * BLOCK]
+    assert cache._pool._made <= 7

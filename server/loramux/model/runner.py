@@ -24,6 +24,7 @@ from loramux.model.attention import NAME as ATTENTION
 from loramux.model.attention import teams, use_decode_kernel
 from loramux.model.calibrate import dense_head_rows, forward_cost_tokens, fused_4bit_rows, lora_costs
 from loramux.model.head import DenseHead
+from loramux.model.memory import huge_empty
 from loramux.model.norm import lean_norms
 from loramux.model.prefix import BLOCK
 from loramux.model.quant import lean_4bit
@@ -123,8 +124,8 @@ class Batch:
         buffers (~0.9 GB for 32 rows of ~350 tokens on SmolLM2: 40 ms, ~350 ms in fresh pages)
         for the few rows a young batch holds."""
         heads, dim = self._shape
-        z = {"dtype": self._dtype, "device": self._device}
-        return torch.empty(rows, heads, cols, dim, **z), torch.empty(rows, heads, cols, dim, **z)
+        shape = (rows, heads, cols, dim)
+        return huge_empty(shape, self._dtype, self._device), huge_empty(shape, self._dtype, self._device)
 
     def _relayout(self, rows: int, left: int) -> None:
         """Move the live window to `left` free columns from the buffers' start, with room
