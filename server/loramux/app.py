@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loramux import memory
 from loramux.api.auth import AdminTokenInterceptor
 from loramux.api.interceptor import ErrorInterceptor
 from loramux.api.servicers import AdapterRegistryServicer, GenerationServicer
@@ -26,7 +27,6 @@ from loramux.lora.peft_rules import describe_base
 from loramux.lora.slots import AdapterSlots
 from loramux.lora.store import AdapterStore
 from loramux.metrics import Metrics
-from loramux.model import memory
 from loramux.model.loader import DEFAULT_MODEL, ModelSpec, load_base, resolve_device, resolve_dtype
 from loramux.model.prefix import PrefixCache, default_bytes
 from loramux.model.runner import Runner

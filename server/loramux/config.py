@@ -37,7 +37,7 @@ class ServerConfig:
     prefix_cache_bytes: int | None = None  # None: 1/16 of the device's memory; 0: no prefix cache
     max_adapter_bytes: int = 1 << 30
     max_batch_size: int = 16
-    host_memory: str = "keep"  # keep: freed host memory is reused, not returned (model/memory.py)
+    host_memory: str = "keep"  # keep: freed host memory is reused, not returned (memory.py)
     torch_threads: int = 0  # of the engine thread; 0: torch's default (every usable core on CPU)
     max_queue: int = 256
     max_prefill_tokens: int = 512  # one prefill's rows x longest prompt (one long prompt always fits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.lora.layers import LoraCosts, RowSlots, StackedLoraLinear
+from loramux.lora.layers import LoraCosts, RowSlots, StackedLoraLinear, allocate_slots
 from loramux.model import kernels
 
 SLOTS, RANK, D_IN, D_OUT = 8, 4, 12, 10
@@ -132,3 +132,32 @@ def test_the_kernel_choice_holds_in_every_thread():
     thread.start()
     thread.join()
     assert seen == ["avx2"] and ctx.kernel == "avx2"
+
+
+def test_layers_allocated_together_share_one_zeroed_buffer_and_compute_as_alone():
+    torch.manual_seed(0)
+    ctx = RowSlots([0] * SLOTS, RANK, GROUPED)
+    layers = [StackedLoraLinear(torch.nn.Linear(D_IN, D_OUT), SLOTS, RANK, ctx, torch.float32, torch.device("cpu"))
+              for _ in range(3)]
+    for t in (layers[0].lora_a, layers[0].lora_bt, layers[0].scaling):
+        assert t is None
+    allocate_slots(layers)
+    storage = {layer.lora_a.untyped_storage().data_ptr() for layer in layers}
+    assert len(storage) == 1 and all(float(t.abs().sum()) == 0 for layer in layers
+                                     for t in (layer.lora_a, layer.lora_bt, layer.scaling))
+    first = layers[0].lora_a
+    allocate_slots(layers)  # allocated already: kept
+    assert layers[0].lora_a is first
+    weights = {}
+    for i, layer in enumerate(layers):
+        a, bt = torch.randn(RANK, D_IN), torch.randn(RANK, D_OUT)
+        layer.load_slot(i, a, bt, 0.5)
+        weights[i] = {i: (a, bt, 0.5)}
+    ctx.ranks[:3] = [RANK] * 3
+    rows = [0, 1, 2, -1]
+    ctx.set(rows, torch.device("cpu"))
+    x = torch.randn(len(rows), 2, D_IN)
+    for i, layer in enumerate(layers):  # each layer's slot i only: its neighbours' writes never show
+        want = expected(layer, {**{j: (torch.zeros(RANK, D_IN), torch.zeros(RANK, D_OUT), 0.0) for j in range(3)},
+                                **weights[i]}, x, rows)
+        torch.testing.assert_close(layer(x), want)

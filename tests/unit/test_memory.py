@@ -11,7 +11,7 @@ import pytest
 # A fresh interpreter per policy: mallopt changes the whole process for good.
 PROBE = """
 import resource, sys, threading, torch
-from loramux.model import memory
+from loramux import memory
 memory.apply(sys.argv[1])
 torch.set_num_threads(1)
 out = []

@@ -18,7 +18,7 @@ from cachetools import Cache, LRUCache
 
 from loramux import faults
 from loramux.errors import FailedPrecondition, Internal, InvalidArgument, LoramuxError, ResourceExhausted
-from loramux.lora.layers import StackedLoraLinear, copy_into_slots, slot_memory
+from loramux.lora.layers import StackedLoraLinear, allocate_slots, copy_into_slots, slot_memory
 from loramux.lora.store import AdapterRecord, AdapterStore, AdapterWeights
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,7 @@ class AdapterSlots:
             raise torch.OutOfMemoryError("injected out-of-memory")
         weights = self._host_weights(record)
         try:
+            allocate_slots([layer for name, layer in self.layers.items() if name in weights.layers])
             copy_into_slots([c for name, layer in self.layers.items()
                              for c in layer.stage_slot(slot, *weights.layers.get(name, (None, None, 0.0)))])
             self.ranks[slot] = record.rank

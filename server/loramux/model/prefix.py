@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from cachetools import Cache, LRUCache
 
-from loramux.model.memory import huge_empty
+from loramux.memory import huge_empty
 
 BLOCK = 16  # tokens per block: only whole blocks are stored; a lookup may serve a block's start
 BASE = "base"  # the namespace of the bare base model's rows

@@ -19,12 +19,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from loramux.lora.layers import attach_stacked_lora, slot_memory
+from loramux.memory import huge_empty
 from loramux.model import kernels, mixed
 from loramux.model.attention import NAME as ATTENTION
 from loramux.model.attention import teams, use_decode_kernel
 from loramux.model.calibrate import dense_head_rows, forward_cost_tokens, fused_4bit_rows, lora_costs
 from loramux.model.head import DenseHead
-from loramux.model.memory import huge_empty
 from loramux.model.norm import lean_norms
 from loramux.model.prefix import BLOCK
 from loramux.model.quant import lean_4bit
