@@ -172,3 +172,30 @@ def test_the_cache_stays_within_its_bytes_and_long_prompts_in_pieces_use_it(tmp_
     assert pieces.cached_prompt_tokens == BLOCK * (again.prompt_tokens // BLOCK)
     assert pieces.prompt_tokens - pieces.cached_prompt_tokens > 2 * 24  # the rest went in pieces
     assert list(pieces.token_ids) == reference.generate("r16-all", long, 8)
+
+
+def test_rows_parked_for_another_adapter_go_on_after_their_cached_prefixes(tmp_path, adapter_store, reference):
+    """One slot, two adapters whose prompts start with prefixes both have cached: the long
+    answer's rows are parked (KV kept) while the other adapter's request takes the slot, and
+    go on; each answer equals its own alone (PEFT's for the short one)."""
+    for name in ("r16-all", "r4-qv"):
+        shutil.copytree(adapter_store[name], tmp_path / "adapters" / name)
+    srv = ServerProcess(tmp_path, "--adapter-dir", str(tmp_path / "adapters"), "--max-active-adapters", "1",
+                        "--max-slot-wait", "0.05", "--min-slot-turn", "0.2")
+    long_prompt, short_prompt = PREFIXES[0] + QUESTIONS[0], PREFIXES[0] + QUESTIONS[1]
+    try:
+        with srv.client() as client:
+            for a in ("r16-all", "r4-qv"):  # each adapter's prefix cached
+                client.generate(PREFIXES[0] + QUESTIONS[3], a, max_new_tokens=2)
+            long = client.stream(long_prompt, "r16-all", max_new_tokens=200, ignore_eos=True)
+            long_tokens = list(next(long).token_ids)
+            short = client.generate(short_prompt, "r4-qv", max_new_tokens=10)
+            parks = srv.metrics()["loramux_adapter_preemptions_total"]
+            for event in long:
+                long_tokens += event.token_ids
+            alone = client.generate(long_prompt, "r16-all", max_new_tokens=200, ignore_eos=True)
+    finally:
+        srv.stop()
+    assert parks >= 1 and short.cached_prompt_tokens >= 4 * BLOCK and alone.cached_prompt_tokens >= 4 * BLOCK
+    assert list(short.token_ids) == reference.generate("r4-qv", short_prompt, 10)
+    assert len(long_tokens) == 200 and long_tokens == list(alone.token_ids)
