@@ -27,7 +27,6 @@ import torch
 
 log = logging.getLogger("loramux")
 
-POLICIES = ("keep", "release")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit hosts
 TRIM_NEVER = 2**31 - 1  # mallopt takes an int
@@ -62,8 +61,9 @@ def apply(policy: str) -> None:
     _policy["huge_pages"] = policy == "keep" and sys.platform.startswith("linux")
     if policy == "keep":
         kept = keep_freed_memory()
-        log.info("host memory: %s", "freed blocks kept for reuse" if kept else "the C library's defaults "
-                 "(not glibc: --host-memory keep does nothing)")
+        log.info("host memory: freed blocks %s; huge pages for long-lived buffers %s",
+                 "kept for reuse" if kept else "as the C library does (not glibc)",
+                 "asked" if _policy["huge_pages"] else "not asked (not Linux)")
 
 
 def huge_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
