@@ -281,11 +281,10 @@ class StackedLoraLinear(nn.Module):
         """Elements of this layer's slot tensors (A, B^T, scalings)."""
         return self.num_slots * (self.max_rank * (self.in_features + self.out_features) + 1)
 
-    def allocate(self, memory: torch.Tensor | None = None) -> None:
-        """Make the slot tensors, zeroed: in `memory` (`slot_numel` zeroed elements) if given."""
-        z, n, r = self._z, self.num_slots, self.max_rank
-        flat = torch.zeros(self.slot_numel(), **z) if memory is None else memory
-        a, bt, scaling = flat.split([n * r * self.in_features, n * r * self.out_features, n])
+    def allocate(self, memory: torch.Tensor) -> None:
+        """Make the slot tensors as views of `memory` (`slot_numel` zeroed elements; `allocate_slots`)."""
+        n, r = self.num_slots, self.max_rank
+        a, bt, scaling = memory.split([n * r * self.in_features, n * r * self.out_features, n])
         self.lora_a, self.lora_bt = a.view(n, r, self.in_features), bt.view(n, r, self.out_features)
         self.scaling = scaling
         # Each slot's A, B^T and scaling, sliced once: loading slices only the rank's rows.
@@ -312,8 +311,8 @@ class StackedLoraLinear(nn.Module):
             self.scales[slot], self._views[slot], self.written[slot] = 0.0, None, 0
             sa, sb, ss = self._slot_views[slot]
             return [(sa[:written], None), (sb[:written], None), (ss, None)]
-        if self.lora_a is None:
-            self.allocate()
+        if self.lora_a is None:  # callers that stage layer by layer; AdapterSlots allocates all first
+            allocate_slots([self])
         r = a.shape[0]
         sa, sb, ss = self._slot_views[slot]
         self.scales[slot], self.written[slot] = float(scaling), r
